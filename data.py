@@ -54,7 +54,7 @@ SYNTH_QUESTIONS = {
 }
 SYNTH_FPS = 8
 SYNTH_CRF = "18"   # libx264 quality; 64x64 x 8 frames stays around 1-2 KB per file
-SYNTH_VERSION = 1  # bump when the generator changes, so cached data is regenerated
+SYNTH_VERSION = 2  # bump when the generator changes, so cached data is regenerated
 
 
 class VideoError(Exception):
@@ -435,8 +435,8 @@ def _make_synthetic(rng, category, answer, num_frames, size):
     def paint(t, y, x, side, colour):
         frames[t, y:y + side, x:x + side] = colour
     hard = []
-    if category == "colour":  # one square, 16-24 px at 64, drifting by up to 1 px/frame
-        side = int(rng.integers(S // 4, 3 * S // 8 + 1))
+    if category == "colour":  # one square, 8-12 px at 64, drifting by up to 1 px/frame
+        side = int(rng.integers(S // 8, 3 * S // 16 + 1))
         (y, x), (vy, vx), colour = _place(rng, S, [side], 0)[0], rng.integers(-1, 2, size=2), rgb(answer)
         for t in range(T):
             paint(t, int(np.clip(y + vy * t, 0, S - side)), int(np.clip(x + vx * t, 0, S - side)), side, colour)
@@ -462,7 +462,7 @@ def _make_synthetic(rng, category, answer, num_frames, size):
         # and stays, so the last frames show both.
         others = [c for c in SYNTH_COLOURS if c != answer]
         second = others[rng.integers(len(others))]
-        sides = [int(s) for s in rng.integers(3 * S // 16, 9 * S // 32 + 1, size=2)]
+        sides = [int(s) for s in rng.integers(S // 8, 3 * S // 16 + 1, size=2)]  # 8-12 px at 64
         (y1, x1), (y2, x2) = _place(rng, S, sides, S // 16)
         appear = int(rng.integers(T // 2, max(T // 2, T - 1 - T // 4) + 1))
         c1, c2 = rgb(answer), rgb(second)

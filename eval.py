@@ -1,0 +1,528 @@
+"""
+Evaluation of a policy checkpoint: the paper's two protocols (Sec. 5) plus exact match.
+
+    open   open-ended QA (MSVD-QA, MSRVTT-QA, ActivityNet-QA; paper Table 1). Answers are sampled at
+           temperature 0.2; a judge LLM sees (question, correct answer, predicted answer) and returns
+           {"pred": "yes"/"no", "score": 0-5}. Accuracy = yes / (yes + no), score = mean. Unlike the
+           original Video-ChatGPT scripts, a score of 4.8 stays 4.8 (no int()), and a reply that stays
+           malformed after the retries is counted and reported as invalid, never dropped silently.
+    mc     multiple choice (Video-MME; paper Table 2). Greedy, a few new tokens; the option letter is
+           read after stripping lead-ins ("The best answer is"); a reply of more than 10 words with no
+           letter counts as unanswered (wrong, and counted). Accuracy overall, per category (the 12
+           task types) and per duration (short / medium / long).
+    exact  normalised exact match against the reference (the synthetic task), per category.
+
+    python eval.py --checkpoint=out/sft --data=data/synth/eval.jsonl            # exact (no options)
+    python eval.py --checkpoint=out/rl --data=data/synth/eval_mc.jsonl          # mc (options present)
+    python eval.py --checkpoint=out/rl --data=msvd.jsonl --task=open --judge_model=NAME \\
+        --judge_base_url=http://localhost:8000/v1
+    python eval.py --compare out/sft/eval/videomme_mc_results.json out/rl/eval/videomme_mc_results.json
+                                                                        # delta = second - first
+
+Every sample's prediction goes to a JSONL file as soon as its batch is done, so an interrupted run
+continues with --resume (the final metrics cover every line of the file). A video that cannot be
+read is skipped with a warning and counted as skipped_videos, outside the accuracy.
+
+Under torch.distributed (torchrun, or called from train.py) each rank evaluates a strided shard and
+every rank makes the same number of encode_video / generate calls (an FSDP-sharded model needs all
+ranks in every forward); rank 0 alone writes files, and all ranks return the same results.
+"""
+import argparse
+import functools
+import json
+import logging
+import math
+import os
+import re
+import sys
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from data import LETTERS, VideoError, load_jsonl, load_video, write_jsonl
+from model import VideoLM
+from oracle import (JUDGE_BACKOFF, JUDGE_BASE_URL, JUDGE_MAX_RETRIES, JudgeOracle, OracleError,
+                    extract_choice, normalize_answer, reference_letter, run_many)
+
+log = logging.getLogger("eval")
+
+TASKS = ("exact", "open", "mc")
+DEFAULT_MAX_NEW_TOKENS = {"exact": 8, "mc": 5, "open": 64}
+DEFAULT_TEMPERATURE = {"exact": 0.0, "mc": 0.0, "open": 0.2}   # 0 = greedy (the anchors' protocols)
+JUDGE_WORKERS = 8              # concurrent judge requests per batch (they are independent)
+MC_UNANSWERED_WORDS = 10       # Video-MME: more words than this and no letter = unanswered
+# Lead-ins stripped before the letter is read (Video-MME's list, plus the hedges small models add).
+# Stripped repeatedly from the start, longest first, so "I think the answer is B" -> "B".
+MC_LEAD_INS = sorted([
+    "the best answer is", "the correct answer is", "the right answer is", "the final answer is",
+    "the answer is", "the answer", "the best option is", "the correct option is", "the option is",
+    "best answer:", "best option:", "correct answer:", "final answer:", "answer:", "option:",
+    "my answer is", "i think", "i believe", "i'd say", "i would say", "it's", "it is", "that's",
+    "that is", "so", "well"], key=len, reverse=True)
+# Table order of the paper's Video-MME categories and durations; other names follow, sorted.
+VIDEOMME_CATEGORIES = [
+    "Temporal Perception", "Spatial Perception", "Attribute Perception", "Action Recognition",
+    "Object Recognition", "OCR Problems", "Counting Problem", "Temporal Reasoning",
+    "Spatial Reasoning", "Action Reasoning", "Object Reasoning", "Information Synopsis"]
+DURATIONS = ["short", "medium", "long"]
+
+# -----------------------------------------------------------------------------
+# scoring one prediction
+
+
+def strip_lead_in(reply):
+    """str -> str without lead-ins: "I think it's A." -> "A.", "The best answer is (B) cat" -> "(B) cat"."""
+    text = reply.strip()
+    while True:
+        low = text.lower()
+        for lead in MC_LEAD_INS:
+            # whole words only: "so" must not eat the start of "some"
+            if low.startswith(lead) and (len(low) == len(lead) or not low[len(lead)].isalnum()):
+                text = text[len(lead):].lstrip(" \t\n:,-")
+                break
+        else:
+            return text
+
+
+def mc_choice(reply, options):
+    """Video-MME's answer extraction. reply: str, options: list[str] -> (letter or None, unanswered).
+    The letter comes from oracle.extract_choice after the lead-in is stripped; with no letter, a reply
+    of more than MC_UNANSWERED_WORDS words (counted after the lead-in, as Video-MME does) is
+    unanswered. Both a missing letter and an unanswered reply are wrong."""
+    text = strip_lead_in(reply)
+    letter = extract_choice(text, options) or extract_choice(reply, options)
+    if letter is None and text != reply.strip():
+        # right after a lead-in, an uppercase letter opening the rest answers: "It's B because ..."
+        # (extract_choice reads a letter in running text only after answer / option / choice)
+        after = re.match(rf"\(?([{LETTERS[:len(options)]}])\)?(?:\s|$)", text)
+        letter = after.group(1) if after else None
+    return letter, letter is None and len(text.split()) > MC_UNANSWERED_WORDS
+
+
+def base_record(sample, task):
+    """The fields every predictions line shares; category / duration only when the sample has them."""
+    record = {"id": sample["id"], "task": task}
+    record.update({k: sample[k] for k in ("category", "duration") if k in sample})
+    return record
+
+
+def score_records(samples, predictions, errors, task, judge=None):
+    """Score one batch. samples: list[dict]; predictions: list[dict | None], one per sample
+    ({"prediction": str, "truncated": bool}, None for a video that failed); errors: {id: reason} of
+    those videos -> list of predictions-file records, in sample order.
+    open: the batch's judge requests run concurrently; a judge failure (OracleError after the retries,
+    e.g. a reply that stays malformed) makes the record invalid: counted, with the reason kept."""
+    records = []
+    for sample, pred in zip(samples, predictions):
+        record = base_record(sample, task)
+        records.append(record)
+        if pred is None:
+            record.update(skipped=True, error=errors[sample["id"]])
+            continue
+        record.update(question=sample["question"], answer=sample["answer"], **pred)
+        if task == "exact":
+            record["correct"] = normalize_answer(pred["prediction"]) == normalize_answer(sample["answer"])
+        elif task == "mc":
+            letter, unanswered = mc_choice(pred["prediction"], sample["options"])
+            record.update(choice=letter, correct=letter == reference_letter(sample), unanswered=unanswered)
+    to_judge = [r for r in records if not r.get("skipped")] if task == "open" else []
+    if to_judge:
+        jobs = [functools.partial(judge.judge_answer, r["question"], r["answer"], r["prediction"])
+                for r in to_judge]
+        for record, verdict in zip(to_judge, run_many(jobs, JUDGE_WORKERS)):
+            if isinstance(verdict, OracleError):
+                log.warning("sample %s: no valid judge verdict, counted invalid: %s", record["id"], verdict)
+                record.update(verdict=None, score=None, invalid=True, error=str(verdict))
+            else:
+                record.update(verdict=verdict["pred"], score=float(verdict["score"]), invalid=False)
+    return records
+
+
+# -----------------------------------------------------------------------------
+# metrics
+
+
+def group_metrics(records, task):
+    """Accuracy of a list of (non-skipped) records: {"accuracy", "n"} plus "score", "invalid" (open).
+    n counts every evaluated sample; open accuracy and score are over the valid verdicts only."""
+    if task == "open":
+        judged = [r for r in records if not r["invalid"]]
+        yes = sum(r["verdict"] == "yes" for r in judged)
+        return {"accuracy": yes / len(judged) if judged else 0.0, "n": len(records),
+                "score": sum(r["score"] for r in judged) / len(judged) if judged else 0.0,
+                "invalid": len(records) - len(judged)}
+    correct = sum(r["correct"] for r in records)
+    return {"accuracy": correct / len(records) if records else 0.0, "n": len(records)}
+
+
+def table_order(names, known):
+    """Names in the paper's table order (those in `known`) first, then the others sorted."""
+    return sorted(names, key=lambda name: (known.index(name) if name in known else len(known), name))
+
+
+def summarize(records, task):
+    """Predictions-file records (one per sample) -> the results dict evaluate() returns."""
+    evaluated = [r for r in records if not r.get("skipped")]
+    results = {"task": task, **group_metrics(evaluated, task)}
+    for key, known in (("category", VIDEOMME_CATEGORIES), ("duration", DURATIONS)):
+        names = table_order({r[key] for r in evaluated if key in r}, known)
+        results[f"by_{key}"] = {name: group_metrics([r for r in evaluated if r.get(key) == name], task)
+                                for name in names}
+    results["skipped_videos"] = len(records) - len(evaluated)
+    if task == "mc":
+        results["unanswered"] = sum(r["unanswered"] for r in evaluated)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# generation
+
+
+def stack_frames(videos):
+    """list of B uint8 (T, H, W, 3) -> uint8 (B, T, H', W', 3) for one encode_video call.
+    Videos of one size are stacked as they are. Mixed sizes are centre-cropped to squares and resized
+    to the largest square: what the policy's preprocessing (short side resize, centre crop) would make
+    of each anyway, and one call per batch keeps the ranks of a sharded model in step."""
+    if all(v.shape == videos[0].shape for v in videos):
+        return torch.stack(videos)
+    side = max(min(v.shape[1:3]) for v in videos)
+    squares = []
+    for v in videos:
+        height, width = v.shape[1:3]
+        crop = min(height, width)
+        top, left = (height - crop) // 2, (width - crop) // 2
+        pixels = v[:, top:top + crop, left:left + crop].permute(0, 3, 1, 2).float()
+        if crop != side:
+            pixels = F.interpolate(pixels, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+        squares.append(pixels.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
+    return torch.stack(squares)
+
+
+def generate_batch(policy, samples, max_new_tokens, temperature, generator, always=False):
+    """One encode_video + one generate for a batch. samples: list[dict] ->
+    (list of {"prediction", "truncated"} | None per sample (None: the video failed to load), errors:
+    {id: reason}). always=True (distributed) runs the forward passes even when no video loaded, on a
+    blank clip, so that every rank makes the same calls; its output is thrown away."""
+    videos, loaded, errors = [], [], {}
+    for sample in samples:
+        try:
+            videos.append(load_video(sample["video"], policy.config.num_frames))
+            loaded.append(sample)
+        except VideoError as e:
+            log.warning("sample %s: skipped, video %s cannot be read: %s", sample["id"], sample["video"], e)
+            errors[sample["id"]] = str(e)
+    if not loaded and not always:
+        return [None] * len(samples), errors
+    prompts = loaded or [{"question": "?"}]
+    frames = stack_frames(videos) if videos else torch.zeros(1, policy.config.num_frames, 32, 32, 3, dtype=torch.uint8)
+    features = policy.encode_video(frames)
+    prompt_ids, prompt_mask = policy.encode_prompts(prompts)
+    ids, mask, truncated = policy.generate(features, prompt_ids, prompt_mask, group_size=1,
+                                           max_new_tokens=max_new_tokens, temperature=temperature,
+                                           greedy=temperature == 0, generator=generator)
+    texts = policy.decode(ids, mask)
+    by_id = {s["id"]: {"prediction": text, "truncated": bool(cut)}
+             for s, text, cut in zip(loaded, texts, truncated.tolist())}
+    return [by_id.get(s["id"]) for s in samples], errors
+
+
+# -----------------------------------------------------------------------------
+# the predictions file
+
+
+def read_predictions(path, task):
+    """Records of an earlier run, {id: record}; a later line for an id replaces an earlier one.
+    Unreadable lines (a run killed mid-write) are dropped with a warning: those samples run again."""
+    records, bad = {}, 0
+    if not os.path.exists(path):
+        return records
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+                sid = record["id"]
+            except (ValueError, KeyError, TypeError):
+                bad += 1
+                continue
+            if record.get("task") != task:
+                raise ValueError(f"{path}: holds {record.get('task')!r} predictions, not {task!r}; "
+                                 "use another predictions file or drop --resume")
+            records[sid] = record
+    if bad:
+        log.warning("%s: %d unreadable line(s) dropped; their samples are evaluated again", path, bad)
+    return records
+
+
+def is_complete(record):
+    """A record --resume keeps. Skipped videos and invalid judge verdicts are tried again."""
+    return not record.get("skipped") and not record.get("invalid")
+
+
+def distributed():
+    """(rank, world_size); (0, 1) without torch.distributed."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+# -----------------------------------------------------------------------------
+# the library entry point (train.py, sft.py)
+
+
+def evaluate(policy, samples, task="exact", batch_size=32, max_new_tokens=None, temperature=None,
+             judge=None, predictions_path=None, resume=False, seed=0, progress=True):
+    """Evaluate a policy on dataset rows; returns the results dict (the same on every rank).
+
+    policy: VideoLM (or anything with config.num_frames, device, encode_video, encode_prompts,
+    generate, decode, eval/train); samples: list of dataset rows (data.load_jsonl); task: "exact",
+    "open" (needs judge: anything with judge_answer(question, reference, prediction), e.g. a
+    JudgeOracle) or "mc" (rows with options, answer a letter). max_new_tokens / temperature: None =
+    DEFAULT_MAX_NEW_TOKENS / DEFAULT_TEMPERATURE of the task (temperature 0 = greedy).
+    predictions_path: JSONL, one record per sample, appended and flushed after each batch;
+    resume=True keeps the complete records already there and evaluates the rest.
+
+    Returns {"task", "n" (evaluated samples), "accuracy" (in [0, 1]), "by_category": {name:
+    {"accuracy", "n", ...}}, "by_duration": {...} (empty without durations), "skipped_videos",
+    "max_new_tokens", "temperature"}, plus "score" and "invalid" (open) or "unanswered" (mc)."""
+    if task not in TASKS:
+        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    if task == "open" and judge is None:
+        raise ValueError("task='open' needs a judge (e.g. oracle.JudgeOracle)")
+    if task == "mc" and not all(s.get("options") for s in samples):
+        raise ValueError("task='mc' needs every sample to have options")
+    if len({s["id"] for s in samples}) != len(samples):
+        raise ValueError("sample ids must be unique (predictions are matched by id)")
+    max_new_tokens = DEFAULT_MAX_NEW_TOKENS[task] if max_new_tokens is None else max_new_tokens
+    temperature = DEFAULT_TEMPERATURE[task] if temperature is None else temperature
+    rank, world = distributed()
+
+    # what an earlier run finished: rank 0 reads the file, every rank gets the same copy (or error)
+    done, error = {}, None
+    if resume and predictions_path and rank == 0:
+        try:
+            done = read_predictions(predictions_path, task)
+        except ValueError as e:
+            error = e
+    if world > 1:
+        box = [(done, error)]
+        dist.broadcast_object_list(box, src=0)
+        done, error = box[0]
+    if error is not None:
+        raise error
+    todo = [s for s in samples if not (s["id"] in done and is_complete(done[s["id"]]))]
+    shard = todo[rank::world]
+    batches = [shard[i:i + batch_size] for i in range(0, len(shard), batch_size)]
+    num_batches = math.ceil(len(todo[0::world]) / batch_size)   # rank 0's shard is the largest
+
+    out = None
+    if predictions_path and rank == 0:
+        os.makedirs(os.path.dirname(os.path.abspath(predictions_path)), exist_ok=True)
+        if resume:   # rewrite first: a half-written last line must not swallow the next record
+            write_jsonl(predictions_path, done.values())
+        out = open(predictions_path, "a" if resume else "w", encoding="utf-8")
+    was_training = policy.training
+    policy.eval()
+    generator = torch.Generator(device=policy.device).manual_seed(seed + rank)
+    new = []
+    try:
+        with torch.no_grad():
+            for step in tqdm(range(num_batches), desc=f"eval {task}", disable=not progress or rank != 0):
+                # a rank short of batches runs a blank one: the same calls on every rank, no records
+                batch = batches[step] if step < len(batches) else []
+                preds, errors = generate_batch(policy, batch, max_new_tokens, temperature, generator,
+                                               always=world > 1)
+                records = score_records(batch, preds, errors, task, judge)
+                if world > 1:
+                    parts = [None] * world
+                    dist.all_gather_object(parts, records)
+                    records = [r for part in parts for r in part]
+                if out is not None:
+                    out.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in records)
+                    out.flush()
+                new += records
+    finally:
+        if out is not None:
+            out.close()
+        policy.train(was_training)
+
+    merged = {**done, **{r["id"]: r for r in new}}
+    extra = len(set(merged) - {s["id"] for s in samples})
+    if extra and rank == 0:
+        log.warning("%s: %d record(s) for ids not in the data are ignored", predictions_path, extra)
+    results = summarize([merged[s["id"]] for s in samples if s["id"] in merged], task)
+    results.update(max_new_tokens=max_new_tokens, temperature=temperature)
+    return results
+
+
+# -----------------------------------------------------------------------------
+# tables (paper Tables 1 and 2)
+
+
+def table_rows(results):
+    """[(label, metrics)]: categories, then durations, then the overall row."""
+    rows = list(results.get("by_category", {}).items()) + list(results.get("by_duration", {}).items())
+    return rows + [("Overall", results)]
+
+
+def format_table(header, rows):
+    """header: list[str], rows: list[list[str]] -> str; first column left-aligned, others right."""
+    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
+    lines = []
+    for row in [header] + rows:
+        cells = [str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
+        lines.append("  ".join(cells).rstrip())
+    return "\n".join(lines)
+
+
+def print_results(results, title=""):
+    """Print one results dict as a small table: rows = categories (+ durations) + overall."""
+    is_open = results["task"] == "open"
+    header = ["category", "n", "accuracy"] + (["score"] if is_open else [])
+    rows = [[label, m["n"], f"{100 * m['accuracy']:.1f}%"] + ([f"{m['score']:.2f}"] if is_open else [])
+            for label, m in table_rows(results)]
+    notes = [f"skipped videos: {results['skipped_videos']}"]
+    if is_open:
+        notes.append(f"invalid judge verdicts: {results['invalid']}")
+    if results["task"] == "mc":
+        notes.append(f"unanswered: {results['unanswered']}")
+    print((f"{title}\n" if title else "") + format_table(header, rows) + "\n" + "   ".join(notes))
+
+
+def format_comparison(a, b, names=("A", "B")):
+    """Two results dicts of one task side by side, shaped like the paper's Table 2 (mc, exact:
+    accuracy, delta in points) or one dataset of Table 1 (open: accuracy and score). delta = B - A,
+    the change from A to B: format_comparison(before, after), or (VLM-RLAIF, Oracle-RLAIF) for the
+    paper's sign. Rows: categories, durations, overall; a row missing on one side shows "-"."""
+    if a["task"] != b["task"]:
+        raise ValueError(f"cannot compare a {a['task']!r} result with a {b['task']!r} result")
+    metrics = [("accuracy", 100.0, "{:.1f}%", "{:+.1f}")]    # (key, scale, format, delta format)
+    if a["task"] == "open":
+        metrics.append(("score", 1.0, "{:.2f}", "{:+.2f}"))
+    rows_a, rows_b = dict(table_rows(a)), dict(table_rows(b))
+    labels = []
+    for key, known in (("by_category", VIDEOMME_CATEGORIES), ("by_duration", DURATIONS)):
+        labels += table_order(set(a.get(key, {})) | set(b.get(key, {})), known)
+    labels.append("Overall")
+
+    suffix = [""] if len(metrics) == 1 else [" acc", " score"]
+    header = (["category"] + [f"{names[0]}{s}" for s in suffix] + [f"{names[1]}{s}" for s in suffix]
+              + [f"delta{s}" for s in suffix])
+    rows = []
+    for label in labels:
+        ma, mb = rows_a.get(label), rows_b.get(label)
+        cells_a = [fmt.format(scale * ma[key]) if ma else "-" for key, scale, fmt, _ in metrics]
+        cells_b = [fmt.format(scale * mb[key]) if mb else "-" for key, scale, fmt, _ in metrics]
+        deltas = [dfmt.format(scale * (mb[key] - ma[key])) if ma and mb else "-"
+                  for key, scale, _, dfmt in metrics]
+        rows.append([label] + cells_a + cells_b + deltas)
+    notes = [f"delta = {names[1]} - {names[0]}" + (" (accuracy in points)" if len(metrics) == 1 else
+                                                   " (accuracy in points, score in score units)")]
+    for key in ("n", "skipped_videos", "unanswered", "invalid"):
+        if key in a or key in b:
+            notes.append(f"{key}: {names[0]} {a.get(key, '-')}, {names[1]} {b.get(key, '-')}")
+    return format_table(header, rows) + "\n" + "\n".join(notes)
+
+
+def comparison_names(a, b):
+    """Column names for --compare: the checkpoints' folder names when they differ, else A and B."""
+    names = [os.path.basename(os.path.normpath(r.get("checkpoint", ""))) for r in (a, b)]
+    return tuple(names) if all(names) and names[0] != names[1] else ("A", "B")
+
+
+# -----------------------------------------------------------------------------
+# command line
+
+
+def default_predictions_path(checkpoint, data_path, task):
+    """<checkpoint>/eval/<data file stem>_<task>_predictions.jsonl"""
+    stem = os.path.splitext(os.path.basename(data_path))[0]
+    return os.path.join(checkpoint, "eval", f"{stem}_{task}_predictions.jsonl")
+
+
+def default_results_path(predictions_path):
+    """Beside the predictions: x_predictions.jsonl -> x_results.json."""
+    base = predictions_path[:-len(".jsonl")] if predictions_path.endswith(".jsonl") else predictions_path
+    return (base[:-len("_predictions")] if base.endswith("_predictions") else base) + "_results.json"
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--checkpoint", help="a directory written by VideoLM.save")
+    parser.add_argument("--data", help="dataset JSONL (data.py format)")
+    parser.add_argument("--task", choices=TASKS, default=None, help="default: mc when the data has options, else exact")
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--max_new_tokens", type=int, default=None, help=f"default per task: {DEFAULT_MAX_NEW_TOKENS}")
+    parser.add_argument("--temperature", type=float, default=None, help=f"default per task: {DEFAULT_TEMPERATURE}")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N samples (0: all)")
+    parser.add_argument("--predictions", default=None, help="default: <checkpoint>/eval/<data>_<task>_predictions.jsonl")
+    parser.add_argument("--out", default=None, help="results JSON; default: beside the predictions")
+    parser.add_argument("--resume", action="store_true", help="keep the predictions already in the file")
+    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--dtype", default=None, help="override the checkpoint's dtype (e.g. bfloat16)")
+    parser.add_argument("--judge_base_url", default=JUDGE_BASE_URL)
+    parser.add_argument("--judge_model", default=None)
+    parser.add_argument("--judge_api_key_env", default="OPENAI_API_KEY", help="the env variable holding the key")
+    parser.add_argument("--judge_max_retries", type=int, default=JUDGE_MAX_RETRIES)
+    parser.add_argument("--judge_backoff", type=float, default=JUDGE_BACKOFF, help="first retry delay, seconds")
+    parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
+                        help="print two results side by side, delta = B - A")
+    parser.add_argument("--quiet", action="store_true", help="no progress bar")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+
+    if args.compare:
+        a, b = (json.load(open(path)) for path in args.compare)
+        names = comparison_names(a, b)
+        print(format_comparison(a, b, names))
+        print("\n".join(f"{name}: {path}" for name, path in zip(names, args.compare)))
+        return 0
+    if not args.checkpoint or not args.data:
+        parser.error("--checkpoint and --data are required (or --compare A.json B.json)")
+    samples = load_jsonl(args.data)
+    if args.limit:
+        samples = samples[:args.limit]
+    task = args.task or ("mc" if any(s.get("options") for s in samples) else "exact")
+    judge = None
+    if task == "open":
+        if not args.judge_model:
+            parser.error("--task=open needs a judge: --judge_model (and --judge_base_url, --judge_api_key_env)")
+        judge = JudgeOracle(base_url=args.judge_base_url, model=args.judge_model,
+                            api_key_env=args.judge_api_key_env, max_retries=args.judge_max_retries,
+                            backoff=args.judge_backoff)
+
+    # torchrun: one model replica per GPU, each evaluating a shard
+    device = args.device
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
+        if device.startswith("cuda"):
+            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
+            torch.cuda.set_device(device)
+    policy = VideoLM.load(args.checkpoint, **({"dtype": args.dtype} if args.dtype else {})).to(device)
+
+    predictions = args.predictions or default_predictions_path(args.checkpoint, args.data, task)
+    out = args.out or default_results_path(predictions)
+    results = evaluate(policy, samples, task=task, batch_size=args.batch_size,
+                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, judge=judge,
+                       predictions_path=predictions, resume=args.resume, seed=args.seed,
+                       progress=not args.quiet)
+    if distributed()[0] == 0:
+        results.update(checkpoint=args.checkpoint, data=args.data, predictions=predictions)
+        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+        with open(out + ".tmp", "w") as f:
+            json.dump(results, f, indent=2)
+        os.replace(out + ".tmp", out)
+        print_results(results, title=f"{task}: {args.checkpoint} on {args.data}")
+        print(f"predictions: {predictions}\nresults: {out}")
+    if dist.is_initialized():
+        dist.barrier()      # no rank leaves while rank 0 still writes (gloo aborts on a closed peer)
+        dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

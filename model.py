@@ -1,0 +1,458 @@
+"""
+The policy: a video-language model in the VLM-RLAIF / Video-ChatGPT mould (paper, Appendix A.1).
+
+    frames (T, H, W, 3) uint8
+      -> frozen CLIP ViT, patch features of the second-to-last layer, CLS dropped   (T, S, C)
+      -> Video-ChatGPT pooling: T temporal tokens (mean over patches of each frame)
+                                + S spatial tokens (mean over frames of each patch)  (T + S, C)
+      -> projector (linear or 2-layer MLP)                                            (T + S, D)
+      -> causal LM fed [visual tokens, prompt tokens, answer tokens] as inputs_embeds
+
+The video is encoded once per prompt (`encode_video`); the G samples of a group and every
+log-prob pass reuse those features. LoRA (peft) goes on the LM; the reference policy of
+Algorithm 1 line 3 is a second adapter ("ref") plus a copy of the small projector, not a
+second model. The embedded default ("tiny") builds every part from a small config with random
+weights and a word-level tokenizer over the synthetic task's vocabulary: no downloads.
+"""
+import contextlib
+import copy
+import json
+import os
+import warnings
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # CLIP's image normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
+WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer"
+warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")   # peft calls a deprecated name
+
+
+@dataclass
+class ModelConfig:
+    vision: str = "tiny"          # "tiny", or a local dir / hub id of a CLIP vision model
+    lm: str = "tiny"              # "tiny", or a local dir / hub id of any causal LM
+    tokenizer: str = ""           # default: the LM's own; the tiny LM gets a word-level one
+    projector: str = "mlp2x_gelu"  # or "linear"
+    num_frames: int = 8           # frames sampled per video (the paper: 50)
+    vision_layer: int = -2        # LLaVA convention: second-to-last layer
+    vision_post_layernorm: bool = True  # at the tiny size, SFT stays at the answer prior without it
+    lora_r: int = 0               # 0: no LoRA, the LM itself is trained (the tiny SFT)
+    lora_alpha: int = 16
+    lora_dropout: float = 0.0
+    lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj"
+    load_in_4bit: bool = False    # QLoRA: NF4 base weights, needs CUDA
+    dtype: str = "float32"        # "bfloat16" for real models on GPU
+    gradient_checkpointing: bool = False
+    # the tiny default: sized so the whole main job fits minutes on 2 CPU cores
+    tiny_image_size: int = 32
+    tiny_patch_size: int = 8
+    tiny_vision_hidden: int = 64
+    tiny_vision_layers: int = 2
+    tiny_lm_hidden: int = 128
+    tiny_lm_layers: int = 2
+    seed: int = 0
+
+    @classmethod
+    def from_dict(cls, values):
+        known = {f.name for f in fields(cls)}
+        unknown = set(values) - known
+        if unknown:
+            raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
+        return cls(**values)
+
+
+def build_prompt(question, options=None):
+    """The one prompt template, for training, rollouts and evaluation alike."""
+    text = f"USER: {question.strip()}"
+    if options:
+        letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+        text += " Options: " + " ".join(f"({letters[i]}) {option}" for i, option in enumerate(options))
+        text += " Answer with the option's letter."
+    return text + " ASSISTANT:"
+
+
+def word_tokenizer(words):
+    """A word-level tokenizer (lower-cased, punctuation split off) over `words` plus the template's."""
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers
+    from tokenizers.models import WordLevel
+    from transformers import PreTrainedTokenizerFast
+    splitter = pre_tokenizers.Whitespace()
+    template = build_prompt("", ["x"] * 4) + " " + " ".join(words) + " abcdefghijklmnopqrstuvwxyz "
+    pieces = {piece.lower() for piece, _ in splitter.pre_tokenize_str(template)}
+    pieces |= set(" ".join("abcdefghijklmnopqrstuvwxyz"))
+    vocab = {token: i for i, token in enumerate([PAD, UNK, BOS, EOS] + sorted(pieces - {""}))}
+    core = Tokenizer(WordLevel(vocab, unk_token=UNK))
+    core.normalizer = normalizers.Lowercase()
+    core.pre_tokenizer = splitter
+    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, unk_token=UNK,
+                                   bos_token=BOS, eos_token=EOS)
+
+
+def make_projector(kind, vision_dim, lm_dim):
+    if kind == "linear":
+        return nn.Linear(vision_dim, lm_dim)
+    if kind == "mlp2x_gelu":
+        return nn.Sequential(nn.Linear(vision_dim, lm_dim), nn.GELU(), nn.Linear(lm_dim, lm_dim))
+    raise ValueError(f"projector must be 'linear' or 'mlp2x_gelu', got {kind!r}")
+
+
+def _torch_dtype(name):
+    if name not in ("float32", "bfloat16", "float16"):
+        raise ValueError(f"dtype must be float32, bfloat16 or float16, got {name!r}")
+    return getattr(torch, name)
+
+
+def build_parts(config, vocab_words=None):
+    """(vision tower, causal LM, tokenizer) from a ModelConfig: tiny ones from configs, or pretrained."""
+    from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel,
+                              LlamaConfig, LlamaForCausalLM)
+    dtype = _torch_dtype(config.dtype)
+    torch.manual_seed(config.seed)     # the tiny parts' random init is part of the config
+    if config.vision == "tiny":
+        hidden = config.tiny_vision_hidden
+        vision = CLIPVisionModel(CLIPVisionConfig(
+            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=config.tiny_vision_layers,
+            num_attention_heads=4, image_size=config.tiny_image_size, patch_size=config.tiny_patch_size))
+    else:
+        vision = CLIPVisionModel.from_pretrained(config.vision, dtype=dtype)
+
+    if config.lm == "tiny":
+        if vocab_words is None:
+            from data import synthetic_vocab
+            vocab_words = synthetic_vocab()
+        tokenizer = word_tokenizer(vocab_words) if not config.tokenizer else AutoTokenizer.from_pretrained(config.tokenizer)
+        hidden = config.tiny_lm_hidden
+        lm = LlamaForCausalLM(LlamaConfig(
+            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+            num_hidden_layers=config.tiny_lm_layers, num_attention_heads=4, num_key_value_heads=4,
+            max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.lm)
+        quantization = None
+        if config.load_in_4bit:
+            if not torch.cuda.is_available():
+                raise ValueError("load_in_4bit=True (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit layers "
+                                 "do not run on the CPU. Set --load_in_4bit=False to train in "
+                                 f"{config.dtype} instead.")
+            from transformers import BitsAndBytesConfig
+            quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
+                                              bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
+        lm = AutoModelForCausalLM.from_pretrained(config.lm, dtype=dtype, quantization_config=quantization)
+    if tokenizer.pad_token is None:    # LLaMA ships without one; padding is always masked anyway
+        tokenizer.pad_token = tokenizer.unk_token or tokenizer.eos_token
+    if config.load_in_4bit and config.lm == "tiny":
+        raise ValueError("load_in_4bit=True needs a pretrained LM (--lm=PATH), not the tiny default")
+    return vision, lm, tokenizer
+
+
+class VideoLM(nn.Module):
+
+    def __init__(self, config, vocab_words=None):
+        super().__init__()
+        self.config = config
+        self.vision, self.lm, self.tokenizer = build_parts(config, vocab_words)
+        self.vision.requires_grad_(False)               # frozen, always
+        lm_dim = self.lm.get_input_embeddings().embedding_dim
+        self.projector = make_projector(config.projector, self.vision.config.hidden_size, lm_dim)
+        self.projector.to(_torch_dtype(config.dtype))
+        self.ref_projector = None                         # set by snapshot_reference()
+        self.ref_lm = None                                # only without LoRA: a full copy
+        self.encode_calls = 0                             # counted, so tests can check encode-once
+        if config.gradient_checkpointing:
+            self.lm.gradient_checkpointing_enable()
+        if config.lora_r > 0:
+            self._wrap_lora()
+
+    # ------------------------------------------------------------------ LoRA and the reference policy
+
+    def _wrap_lora(self):
+        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        if self.config.load_in_4bit:
+            self.lm = prepare_model_for_kbit_training(
+                self.lm, use_gradient_checkpointing=self.config.gradient_checkpointing)
+        self.lm = get_peft_model(self.lm, self._lora_config())
+
+    def _lora_config(self):
+        from peft import LoraConfig
+        return LoraConfig(r=self.config.lora_r, lora_alpha=self.config.lora_alpha,
+                          lora_dropout=self.config.lora_dropout, bias="none",
+                          target_modules=[m.strip() for m in self.config.lora_target_modules.split(",")])
+
+    @property
+    def has_lora(self):
+        return hasattr(self.lm, "peft_config")
+
+    def add_lora(self, r, alpha=16, dropout=0.0, target_modules="q_proj,k_proj,v_proj,o_proj"):
+        """Put LoRA adapters on the LM (e.g. RL from a fully fine-tuned tiny SFT model)."""
+        if self.has_lora:
+            raise ValueError("the LM already has LoRA adapters")
+        self.config.lora_r, self.config.lora_alpha = r, alpha
+        self.config.lora_dropout, self.config.lora_target_modules = dropout, target_modules
+        self._wrap_lora()
+
+    def snapshot_reference(self):
+        """pi_ref <- pi_theta (Algorithm 1 line 3): copy the trained adapter into the "ref" adapter
+        (or the whole LM when there is no LoRA) and the projector into ref_projector. The copies
+        are made on the first call and refreshed in place after, so a sharded model keeps its layout."""
+        if self.has_lora and "ref" not in self.lm.peft_config:
+            self.lm.add_adapter("ref", self._lora_config())
+        if not self.has_lora and self.ref_lm is None:
+            self.ref_lm = copy.deepcopy(self.lm)
+        if self.ref_projector is None:
+            self.ref_projector = copy.deepcopy(self.projector)
+        pairs = list(zip(self.ref_projector.parameters(), self.projector.parameters()))
+        if self.has_lora:
+            pairs += [(param, self.lm.get_parameter(name.replace(".ref.", ".default.")))
+                      for name, param in self.lm.named_parameters() if ".ref." in name]
+        else:
+            pairs += list(zip(self.ref_lm.parameters(), self.lm.parameters()))
+        with torch.no_grad():
+            for ref_param, param in pairs:
+                ref_param.copy_(param)
+                ref_param.requires_grad_(False)
+
+    @contextlib.contextmanager
+    def reference(self):
+        """Inside this block the LM and projector are the reference policy's."""
+        if self.ref_projector is None:
+            raise RuntimeError("no reference policy yet: call snapshot_reference() first")
+        if self.has_lora:
+            self.lm.set_adapter("ref")
+            try:
+                yield self.lm, self.ref_projector
+            finally:
+                self.lm.set_adapter("default")     # peft flips requires_grad with the active adapter:
+                for name, param in self.lm.named_parameters():
+                    if ".ref." in name:            # the reference stays frozen
+                        param.requires_grad_(False)
+        else:
+            yield self.ref_lm, self.ref_projector
+
+    def trainable_parameters(self):
+        return [p for p in self.parameters() if p.requires_grad]
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.vision.eval()            # frozen tower: no dropout, ever
+        return self
+
+    # ------------------------------------------------------------------ video
+
+    @property
+    def device(self):
+        return next(self.projector.parameters()).device
+
+    def preprocess(self, frames):
+        """uint8 (B, T, H, W, 3) -> float (B*T, 3, S, S): resize the short side to S, centre crop,
+        CLIP mean/std. Plain torch (torchvision is not a dependency)."""
+        size = self.vision.config.image_size
+        batch, num_frames, height, width, _ = frames.shape
+        pixels = frames.reshape(batch * num_frames, height, width, 3).permute(0, 3, 1, 2).float() / 255.0
+        scale = size / min(height, width)
+        new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+        if (new_h, new_w) != (height, width):
+            pixels = F.interpolate(pixels, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+        top, left = (new_h - size) // 2, (new_w - size) // 2
+        pixels = pixels[:, :, top:top + size, left:left + size]
+        mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
+        std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
+        return (pixels - mean) / std
+
+    @torch.no_grad()
+    def encode_video(self, frames):
+        """uint8 (B, T, H, W, 3) -> pooled visual features (B, T + S, C), once per prompt.
+        The projector is applied later (`visual_tokens`), so the reference policy can use its own."""
+        self.encode_calls += 1
+        batch, num_frames = frames.shape[:2]
+        pixels = self.preprocess(frames.to(self.device)).to(self.vision.dtype)
+        hidden = self.vision(pixel_values=pixels, output_hidden_states=True).hidden_states[self.config.vision_layer]
+        patches = hidden[:, 1:]                                       # drop CLS: (B*T, S, C)
+        if self.config.vision_post_layernorm:
+            patches = self.vision.post_layernorm(patches)
+        patches = patches.reshape(batch, num_frames, patches.shape[1], patches.shape[2])   # (B, T, S, C)
+        return video_chatgpt_pool(patches)
+
+    # ------------------------------------------------------------------ text
+
+    def encode_prompts(self, samples):
+        """Prompts of dataset rows -> (ids, mask), each (B, P) long, left-padded."""
+        texts = [build_prompt(s["question"], s.get("options")) for s in samples]
+        encoded = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+        return left_pad(encoded, self.tokenizer.pad_token_id, self.device)
+
+    def encode_answers(self, answers):
+        """Answer strings -> (ids, mask), each (B, L) long, right-padded, EOS appended."""
+        eos = self.tokenizer.eos_token_id
+        encoded = [self.tokenizer(" " + a.strip(), add_special_tokens=False)["input_ids"] + [eos] for a in answers]
+        width = max(len(ids) for ids in encoded)
+        ids = torch.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=torch.long)
+        mask = torch.zeros(len(encoded), width, dtype=torch.long)
+        for row, seq in enumerate(encoded):
+            ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
+        return ids.to(self.device), mask.to(self.device)
+
+    def decode(self, completion_ids, completion_mask):
+        """(N, L) ids -> N strings, stopping at EOS."""
+        eos = self.tokenizer.eos_token_id
+        texts = []
+        for ids, mask in zip(completion_ids.tolist(), completion_mask.tolist()):
+            kept = [t for t, m in zip(ids, mask) if m and t != eos]
+            texts.append(self.tokenizer.decode(kept, skip_special_tokens=True).strip())
+        return texts
+
+    # ------------------------------------------------------------------ the LM
+
+    def prompt_embeddings(self, features, prompt_ids, prompt_mask, lm=None, projector=None):
+        """[visual tokens, prompt tokens], left-padded as one sequence.
+        features: (B, V, C); prompt_ids, prompt_mask: (B, P) -> embeds (B, V+P, D), mask (B, V+P)."""
+        lm = self.lm if lm is None else lm
+        projector = self.projector if projector is None else projector
+        visual = projector(features.to(next(projector.parameters()).dtype))
+        text = lm.get_input_embeddings()(prompt_ids)
+        embeds = torch.cat([visual.to(text.dtype), text], 1)
+        mask = torch.cat([torch.ones(visual.shape[:2], dtype=prompt_mask.dtype, device=prompt_mask.device), prompt_mask], 1)
+        order = torch.sort(mask, dim=1, stable=True).indices     # padding first, everything else in order
+        return embeds.gather(1, order.unsqueeze(-1).expand_as(embeds)), mask.gather(1, order)
+
+    def completion_logits(self, features, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                          group_size=1, reference=False):
+        """Logits predicting each completion token. features: (B, V, C); prompt_*: (B, P);
+        completion_*: (B*group_size, L) -> (B*group_size, L, vocab). Each prompt's embeddings are
+        computed once and repeated for its group (never re-encoded)."""
+        context = self.reference() if reference else contextlib.nullcontext((self.lm, self.projector))
+        with context as (lm, projector):
+            embeds, mask = self.prompt_embeddings(features, prompt_ids, prompt_mask, lm, projector)
+            embeds, mask = embeds.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
+            embeds = torch.cat([embeds, lm.get_input_embeddings()(completion_ids)], 1)
+            mask = torch.cat([mask, completion_mask.to(mask.dtype)], 1)
+            length = completion_ids.shape[1]
+            out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask),
+                     logits_to_keep=length + 1, use_cache=False)
+            return out.logits[:, :-1]           # position t predicts completion token t
+
+    @torch.no_grad()
+    def generate(self, features, prompt_ids, prompt_mask, group_size=1, max_new_tokens=8,
+                 temperature=1.0, top_p=1.0, greedy=False, generator=None):
+        """Sample group_size completions per prompt in one batched, KV-cached loop.
+        features: (B, V, C); prompt_*: (B, P) -> completion_ids (B*G, L) (pad after EOS),
+        completion_mask (B*G, L) (1 up to and including EOS), truncated (B*G,) bool (no EOS)."""
+        embeds, mask = self.prompt_embeddings(features, prompt_ids, prompt_mask)
+        embeds, mask = embeds.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
+        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        count = embeds.shape[0]
+        done = torch.zeros(count, dtype=torch.bool, device=embeds.device)
+        tokens, keep = [], []
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), use_cache=True)
+        for _ in range(max_new_tokens):
+            next_token = sample_token(out.logits[:, -1].float(), temperature, top_p, greedy, generator)
+            next_token = torch.where(done, torch.full_like(next_token, pad), next_token)
+            keep.append(~done)
+            tokens.append(next_token)
+            done = done | (next_token == eos)
+            if all_ranks_done(done):
+                break
+            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+            out = self.lm(input_ids=next_token.unsqueeze(1), attention_mask=mask,
+                          position_ids=positions(mask)[:, -1:], cache=out.cache, use_cache=True)
+        return torch.stack(tokens, 1), torch.stack(keep, 1).long(), ~done
+
+    # ------------------------------------------------------------------ save / load
+
+    def _saved(self, name):
+        """Which weights a checkpoint holds: projectors and adapters always; the base parts only
+        when they were built from a config (tiny), since pretrained ones reload from their path."""
+        if name.startswith(("projector.", "ref_projector.")) or "lora_" in name:
+            return True
+        if name.startswith("vision."):
+            return self.config.vision == "tiny"
+        if name.startswith("ref_lm."):
+            return self.config.lm == "tiny"
+        return name.startswith("lm.") and self.config.lm == "tiny"
+
+    def save(self, path, state=None):
+        """Weights (safetensors), config (JSON) and tokenizer into one directory. `state`: a full
+        state dict gathered from a sharded model (default: this module's own)."""
+        os.makedirs(path, exist_ok=True)
+        state = self.state_dict() if state is None else state
+        state = {name: tensor.detach().contiguous().cpu() for name, tensor in state.items() if self._saved(name)}
+        save_file(state, os.path.join(path, WEIGHTS))
+        meta = {"model": asdict(self.config), "reference": self.ref_projector is not None}
+        with open(os.path.join(path, CONFIG), "w") as f:
+            json.dump(meta, f, indent=2)
+        self.tokenizer.save_pretrained(os.path.join(path, TOKENIZER))
+
+    @classmethod
+    def load(cls, path, **overrides):
+        """Rebuild from `save`'s directory; overrides change config fields (e.g. dtype)."""
+        config_path = os.path.join(path, CONFIG)
+        if not os.path.exists(config_path):
+            raise FileNotFoundError(f"{path}: not a model checkpoint (no {CONFIG})")
+        with open(config_path) as f:
+            meta = json.load(f)
+        config = ModelConfig.from_dict({**meta["model"], **overrides})
+        if config.lm == "tiny" and not config.tokenizer:
+            config.tokenizer = os.path.join(path, TOKENIZER)
+        model = cls(config)
+        model.config.tokenizer = meta["model"]["tokenizer"]
+        if meta.get("reference"):
+            model.snapshot_reference()
+        state = load_file(os.path.join(path, WEIGHTS))
+        missing = [name for name in model.state_dict() if model._saved(name) and name not in state]
+        unexpected = [name for name in state if name not in model.state_dict()]
+        if missing or unexpected:
+            raise ValueError(f"{path}: checkpoint does not fit the model: missing {missing[:5]}, "
+                             f"unexpected {unexpected[:5]}")
+        model.load_state_dict(state, strict=False)
+        return model
+
+
+# ---------------------------------------------------------------------- small helpers
+
+def video_chatgpt_pool(patches):
+    """Video-ChatGPT pooling. patches: (B, T, S, C) -> (B, T + S, C): T temporal tokens (mean
+    over the S patches of each frame), then S spatial tokens (mean over the T frames of each patch)."""
+    return torch.cat([patches.mean(2), patches.mean(1)], 1)
+
+
+def all_ranks_done(done):
+    """True when every sequence on every process has finished. Sharded (FSDP) processes must run
+    the same number of forward passes, so they stop generating together."""
+    finished = torch.tensor(float(done.all()), device=done.device)
+    if torch.distributed.is_initialized():
+        torch.distributed.all_reduce(finished, op=torch.distributed.ReduceOp.MIN)
+    return bool(finished.item())
+
+
+def positions(mask):
+    """Position ids that skip left padding: (N, L) mask -> (N, L) long."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def left_pad(sequences, pad_id, device=None):
+    width = max(len(seq) for seq in sequences)
+    ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
+    mask = torch.zeros(len(sequences), width, dtype=torch.long)
+    for row, seq in enumerate(sequences):
+        if seq:
+            ids[row, width - len(seq):], mask[row, width - len(seq):] = torch.tensor(seq), 1
+    return ids.to(device), mask.to(device)
+
+
+def sample_token(logits, temperature=1.0, top_p=1.0, greedy=False, generator=None):
+    """(N, vocab) float logits -> (N,) token ids: greedy, or temperature + nucleus (top-p) sampling."""
+    if greedy or temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p    # keep the smallest set reaching top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

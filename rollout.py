@@ -1,0 +1,99 @@
+"""
+Rollouts (Algorithm 1 lines 6 and 8): sample G responses per prompt and score them with the
+policy's own token log-probs.
+
+For B prompts: encode each video once, sample all B x G responses in one batched, KV-cached
+generate, then one teacher-forced pass (no grad) gives the per-token log-probs under the
+sampling policy, the per-token entropy and the sequence log-prob
+    l_i = log pi(o_i | q) = sum_t log pi(o_i,t | o_i,<t, q)                 (Algorithm 1 line 8)
+from which GRPO_rank predicts the policy's ranking of the group (line 9).
+
+`completion_logprobs` is the one function that scores completions, for the policy being trained
+(with grad), the rollout policy (no grad) and the reference adapter (`reference=True`).
+"""
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class Rollout:
+    samples: list            # B dataset rows
+    group_size: int          # G
+    features: torch.Tensor   # (B, V, C) pooled video features, encoded once
+    prompt_ids: torch.Tensor     # (B, P) left-padded
+    prompt_mask: torch.Tensor    # (B, P)
+    completion_ids: torch.Tensor   # (B*G, L) right-padded after EOS; rows b*G .. b*G+G-1 are prompt b's
+    completion_mask: torch.Tensor  # (B*G, L) 1 on generated tokens up to and including EOS
+    loss_mask: torch.Tensor        # (B*G, L) completion_mask, minus truncated rows if masked
+    truncated: torch.Tensor        # (B*G,) bool: no EOS within max_new_tokens
+    old_logp: torch.Tensor         # (B*G, L) token log-probs under the sampling policy
+    entropy: torch.Tensor          # (B*G, L) token entropies under the sampling policy
+    seq_logp: torch.Tensor         # (B, G) l_i, Algorithm 1 line 8
+    responses: list                # B lists of G decoded strings
+
+
+def token_logprobs(logits, token_ids, with_entropy=False, chunk_rows=16):
+    """log pi(token) as logit - logsumexp, in float32, a few rows at a time, so that no float32
+    log_softmax over the whole batch and vocabulary is ever materialised.
+    logits: (N, L, vocab), token_ids: (N, L) -> logp (N, L) [, entropy (N, L)]."""
+    logps, entropies = [], []
+    for start in range(0, logits.shape[0], chunk_rows):
+        chunk = logits[start:start + chunk_rows].float()
+        log_norm = torch.logsumexp(chunk, -1)
+        chosen = chunk.gather(-1, token_ids[start:start + chunk_rows].unsqueeze(-1)).squeeze(-1)
+        logps.append(chosen - log_norm)
+        if with_entropy:   # H = logsumexp(z) - sum_v p_v z_v
+            entropies.append(log_norm - (torch.softmax(chunk, -1) * chunk).sum(-1))
+    logp = torch.cat(logps)
+    return (logp, torch.cat(entropies)) if with_entropy else logp
+
+
+def completion_logprobs(policy, batch, reference=False, with_entropy=False):
+    """Token log-probs of the batch's completions: (B*G, L) [, entropy (B*G, L)].
+    The caller chooses grad (training pass) or no grad (rollout and reference passes)."""
+    logits = policy.completion_logits(batch.features, batch.prompt_ids, batch.prompt_mask,
+                                      batch.completion_ids, batch.completion_mask,
+                                      group_size=batch.group_size, reference=reference)
+    return token_logprobs(logits, batch.completion_ids, with_entropy)
+
+
+def tie_identical(seq_logp, completion_ids, completion_mask):
+    """Identical responses in a group must get the same l_i (so the same predicted rank and the
+    same advantage); batched float arithmetic need not guarantee it bit for bit, so copy the
+    first occurrence's value. seq_logp: (B, G); completion_*: (B*G, L) -> (B, G)."""
+    tied = seq_logp.clone()
+    batch, group_size = seq_logp.shape
+    ids = (completion_ids * completion_mask).view(batch, group_size, -1).tolist()
+    for b in range(batch):
+        first = {}
+        for i, seq in enumerate(ids[b]):
+            j = first.setdefault(tuple(seq), i)
+            tied[b, i] = tied[b, j]
+    return tied
+
+
+@torch.no_grad()
+def rollout(policy, samples, frames, group_size, max_new_tokens=8, temperature=1.0, top_p=1.0,
+            mask_truncated_completions=False, generator=None):
+    """Sample G responses for each of B prompts (Algorithm 1 line 6) and score them (line 8).
+    samples: B dataset rows; frames: uint8 (B, T, H, W, 3) -> Rollout."""
+    was_training = policy.training
+    policy.eval()                                     # no dropout while sampling and scoring
+    features = policy.encode_video(frames)            # once per prompt, reused for all G
+    prompt_ids, prompt_mask = policy.encode_prompts(samples)
+    completion_ids, completion_mask, truncated = policy.generate(
+        features, prompt_ids, prompt_mask, group_size=group_size, max_new_tokens=max_new_tokens,
+        temperature=temperature, top_p=top_p, generator=generator)
+    loss_mask = completion_mask.clone()
+    if mask_truncated_completions:                    # a cut-off answer is not evidence either way
+        loss_mask[truncated] = 0
+    batch = Rollout(samples, group_size, features, prompt_ids, prompt_mask, completion_ids,
+                    completion_mask, loss_mask, truncated, None, None, None, None)
+    batch.old_logp, batch.entropy = completion_logprobs(policy, batch, with_entropy=True)
+    seq_logp = (batch.old_logp * completion_mask).sum(-1).view(len(samples), group_size)
+    batch.seq_logp = tie_identical(seq_logp, completion_ids, completion_mask)
+    texts = policy.decode(completion_ids, completion_mask)
+    batch.responses = [texts[b * group_size:(b + 1) * group_size] for b in range(len(samples))]
+    policy.train(was_training)
+    return batch

@@ -1,0 +1,504 @@
+"""Tests of eval.py. Videos are tiny synthetic clips; the judge is a scripted fake HTTP server on
+127.0.0.1; metric tests use a scripted policy, the end-to-end tests the real tiny VideoLM."""
+import json
+import logging
+import os
+import re
+import socket
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.multiprocessing as mp
+
+import eval as ev
+from data import load_jsonl, make_synthetic_dataset, write_jsonl
+from model import ModelConfig, VideoLM
+from oracle import OracleError, parse_verdict
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+OPTIONS = ["a cat", "a dog", "a bird", "a fish"]
+TWELVE_WORDS = "the video shows a man walking slowly along the beach at sunset"
+
+
+# ---------------------------------------------------------------------------------------------
+# fixtures
+
+
+@pytest.fixture(scope="module")
+def synth(tmp_path_factory):
+    """12 synthetic eval clips: {"eval": open rows, "eval_mc": the same with 4 options}."""
+    return make_synthetic_dataset(str(tmp_path_factory.mktemp("synth")), num_train=0, num_eval=12, seed=0)
+
+
+@pytest.fixture(scope="module")
+def checkpoint(tmp_path_factory):
+    """The tiny random VideoLM, saved the way sft.py / train.py save it."""
+    path = str(tmp_path_factory.mktemp("ckpt"))
+    VideoLM(ModelConfig()).save(path)
+    return path
+
+
+def videomme_rows(synth):
+    """The MC rows in Video-MME's shape: row i has category CATS[i % 4] and duration DURS[i % 3]."""
+    rows = load_jsonl(synth["eval_mc"])
+    for i, row in enumerate(rows):
+        row.update(category=VIDEOMME_SUBSET[i % 4], duration=ev.DURATIONS[i % 3])
+    return rows
+
+
+VIDEOMME_SUBSET = ["Temporal Perception", "Action Recognition", "OCR Problems", "Information Synopsis"]
+
+
+class ScriptedPolicy:
+    """What evaluate() needs of a policy; replies come from a dict id -> text (default: "").
+    Records which ids each generate call answered."""
+
+    def __init__(self, replies=None):
+        self.replies = replies or {}
+        self.config = SimpleNamespace(num_frames=4)
+        self.device = torch.device("cpu")
+        self.training = True
+        self.generated, self.encode_calls, self.frame_shapes = [], 0, []
+
+    def eval(self):
+        return self.train(False)
+
+    def train(self, mode=True):
+        self.training = mode
+        return self
+
+    def encode_video(self, frames):
+        self.encode_calls += 1
+        self.frame_shapes.append(tuple(frames.shape))
+        return torch.zeros(frames.shape[0], 1, 1)
+
+    def encode_prompts(self, samples):
+        self.batch = [s.get("id") for s in samples]
+        return torch.arange(len(samples)).unsqueeze(1), torch.ones(len(samples), 1, dtype=torch.long)
+
+    def generate(self, features, prompt_ids, prompt_mask, group_size=1, max_new_tokens=8,
+                 temperature=1.0, greedy=False, generator=None):
+        self.generated.append(list(self.batch))
+        self.last_call = dict(max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy)
+        return prompt_ids, prompt_mask, torch.zeros(len(prompt_ids), dtype=torch.bool)
+
+    def decode(self, ids, mask):
+        return [self.replies.get(self.batch[i], "") for i in ids[:, 0].tolist()]
+
+
+def read_lines(path):
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+# ---------------------------------------------------------------------------------------------
+# multiple choice: the letter, unanswered
+
+
+@pytest.mark.parametrize("reply, letter, unanswered", [
+    ("The best answer is B", "B", False),
+    ("Answer: (C)", "C", False),
+    ("b)", "B", False),
+    ("(D) a dog", "D", False),
+    ("I think it's A.", "A", False),
+    ("C", "C", False),
+    ("I think the answer is b", "B", False),
+    ("The best answer is: D. a fish", "D", False),
+    ("Best option: (A) a cat", "A", False),
+    ("a dog", "B", False),                                   # the text of option B
+    ("The best answer is B because the man in the video is clearly walking", "B", False),
+    ("I think it's C because the bird is flying over the water in every frame", "C", False),
+    (TWELVE_WORDS, None, True),                              # 12 words, no letter: unanswered
+    ("a man is walking along the beach slowly", None, False),   # 8 words: wrong, not unanswered
+    ("one two three four five six seven eight nine ten", None, False),   # 10 is not more than 10
+    ("It is not clear from the video which one of these is right", None, True),
+    ("a dog is running in the park near a tree", None, False),    # "a" is not option A
+    ("a dog is running in the park near a big tree", None, True),   # ... and 11 words
+    ("", None, False),
+    ("The answer is", None, False),
+])
+def test_mc_choice(reply, letter, unanswered):
+    assert ev.mc_choice(reply, OPTIONS) == (letter, unanswered)
+
+
+def test_mc_aggregation_by_category_and_duration(synth, capsys):
+    rows = videomme_rows(synth)
+    correct, unanswered = {0, 1, 2, 4, 8}, {3, 7}
+    replies = {}
+    for i, row in enumerate(rows):
+        wrong = "ABCD"[("ABCD".index(row["answer"]) + 1) % 4]
+        replies[row["id"]] = (f"The best answer is {row['answer']}" if i in correct else
+                              TWELVE_WORDS if i in unanswered else f"({wrong})")
+    policy = ScriptedPolicy(replies)
+    results = ev.evaluate(policy, rows, task="mc", batch_size=5, progress=False)
+    assert results["task"] == "mc" and results["n"] == 12 and results["skipped_videos"] == 0
+    assert results["accuracy"] == pytest.approx(5 / 12)
+    assert results["unanswered"] == 2
+    # categories in the paper's order, each with its accuracy and count
+    assert list(results["by_category"]) == ["Temporal Perception", "Action Recognition", "OCR Problems",
+                                            "Information Synopsis"]
+    assert {c: m["accuracy"] for c, m in results["by_category"].items()} == pytest.approx(
+        {"Temporal Perception": 1.0, "Action Recognition": 1 / 3, "OCR Problems": 1 / 3,
+         "Information Synopsis": 0.0})
+    assert all(m["n"] == 3 for m in results["by_category"].values())
+    assert list(results["by_duration"]) == ["short", "medium", "long"]
+    assert {d: m["accuracy"] for d, m in results["by_duration"].items()} == pytest.approx(
+        {"short": 0.25, "medium": 0.5, "long": 0.5})
+    # greedy, a few new tokens; 3 batches of <= 5, one encode_video each; training mode restored
+    assert policy.last_call == dict(max_new_tokens=5, temperature=0.0, greedy=True)
+    assert [len(ids) for ids in policy.generated] == [5, 5, 2] and policy.encode_calls == 3
+    assert policy.training
+
+    ev.print_results(results, title="Video-MME")
+    printed = capsys.readouterr().out
+    for label in VIDEOMME_SUBSET + ["short", "medium", "long", "Overall", "41.7%", "unanswered: 2"]:
+        assert label in printed
+
+
+# ---------------------------------------------------------------------------------------------
+# open-ended: the judge's verdicts
+
+
+@pytest.mark.parametrize("reply, expected", [
+    ('{"pred": "yes", "score": 4.8}', {"pred": "yes", "score": 4.8}),     # 4.8 stays 4.8
+    ("{'pred': 'no', 'score': 2}", {"pred": "no", "score": 2.0}),         # a python dict
+    ('Sure, here is my evaluation:\n```json\n{"pred": "YES", "score": 5}\n```\nHope it helps.',
+     {"pred": "yes", "score": 5.0}),
+    ('{"pred": "no", "score": "3.5"}', {"pred": "no", "score": 3.5}),
+    ('{"pred": "yes"}', None),                 # no score
+    ('{"score": 4}', None),                    # no verdict
+    ('{"pred": "maybe", "score": 3}', None),
+    ('{"pred": "yes", "score": 7}', None),     # outside 0-5
+    ("The prediction is correct, I would give it a 4.", None),
+    ("", None),
+])
+def test_parse_verdict(reply, expected):
+    if expected is None:
+        with pytest.raises(ValueError):
+            parse_verdict(reply)
+    else:
+        assert parse_verdict(reply) == expected
+
+
+class ObjectJudge:
+    """A judge object (no HTTP): the verdict is looked up by the prediction."""
+
+    def __init__(self, verdicts):
+        self.verdicts, self.seen = verdicts, []
+
+    def judge_answer(self, question, reference, prediction):
+        self.seen.append((question, reference, prediction))
+        verdict = self.verdicts[prediction]
+        if isinstance(verdict, Exception):
+            raise verdict
+        return verdict
+
+
+def test_open_counts_invalid_and_keeps_fractional_scores(synth, tmp_path):
+    rows = load_jsonl(synth["eval"])[:4]
+    replies = {row["id"]: f"answer {i}" for i, row in enumerate(rows)}
+    judge = ObjectJudge({"answer 0": {"pred": "yes", "score": 4.8}, "answer 1": {"pred": "no", "score": 1.0},
+                         "answer 2": {"pred": "yes", "score": 5.0},
+                         "answer 3": OracleError("judge failed after 5 attempt(s): invalid reply")})
+    policy = ScriptedPolicy(replies)
+    predictions = tmp_path / "open.jsonl"
+    results = ev.evaluate(policy, rows, task="open", batch_size=3, judge=judge,
+                          predictions_path=str(predictions), progress=False)
+    assert results["n"] == 4 and results["invalid"] == 1
+    assert results["accuracy"] == pytest.approx(2 / 3)            # yes / (yes + no)
+    assert results["score"] == pytest.approx((4.8 + 1.0 + 5.0) / 3)
+    assert policy.last_call == dict(max_new_tokens=64, temperature=0.2, greedy=False)
+    assert sorted(judge.seen) == sorted((r["question"], r["answer"], f"answer {i}") for i, r in enumerate(rows))
+    lines = {line["id"]: line for line in read_lines(predictions)}
+    assert len(lines) == 4
+    invalid = lines[rows[3]["id"]]
+    assert invalid["invalid"] and invalid["verdict"] is None and "invalid reply" in invalid["error"]
+    assert lines[rows[0]["id"]]["score"] == 4.8 and lines[rows[0]["id"]]["verdict"] == "yes"
+    with pytest.raises(ValueError, match="judge"):
+        ev.evaluate(policy, rows, task="open", progress=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# the fake judge server, and open-ended end to end through the command line
+
+
+class FakeJudgeServer:
+    """An OpenAI-compatible /v1/chat/completions that replies by the question's tag: tag -> list of
+    replies, one per attempt (the last one repeats)."""
+
+    def __init__(self, script):
+        self.script, self.requests = script, []
+        server = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = body["messages"][-1]["content"]
+                tag = re.search(r"Question: .*\[(q\d+)\]", prompt).group(1)
+                with lock:
+                    attempt = sum(t == tag for t, _ in server.requests)
+                    server.requests.append((tag, prompt))
+                replies = server.script[tag]
+                content = replies[min(attempt, len(replies) - 1)]
+                data = json.dumps({"choices": [{"message": {"role": "assistant", "content": content}}]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def log_message(self, *args):
+                pass
+
+        lock = threading.Lock()
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.httpd.server_address[1]}/v1"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def attempts(self, tag):
+        return sum(t == tag for t, _ in self.requests)
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()
+
+
+def test_open_end_to_end_cli_with_fake_judge(synth, checkpoint, tmp_path, capsys):
+    rows = load_jsonl(synth["eval"])[:4]
+    for i, row in enumerate(rows):
+        row["question"] += f" [q{i}]"          # so the judge can tell the requests apart
+    data = tmp_path / "open.jsonl"
+    write_jsonl(data, rows)
+    judge = FakeJudgeServer({
+        "q0": ['{"pred": "yes", "score": 4.8}'],
+        "q1": ["I cannot decide.", '{"pred": "no", "score": 1}'],        # malformed, retried
+        "q2": ["garbage", "still garbage"],                               # stays malformed: invalid
+        "q3": ["Here you go: {'pred': 'yes', 'score': 4}"],
+    })
+    predictions, out = tmp_path / "preds.jsonl", tmp_path / "results.json"
+    try:
+        assert ev.main([f"--checkpoint={checkpoint}", f"--data={data}", "--task=open",
+                        f"--judge_base_url={judge.url}", "--judge_model=fake", "--judge_max_retries=1",
+                        "--judge_backoff=0.01", "--max_new_tokens=12", f"--predictions={predictions}",
+                        f"--out={out}", "--quiet"]) == 0
+    finally:
+        judge.close()
+    assert judge.attempts("q0") == 1 and judge.attempts("q1") == 2 and judge.attempts("q2") == 2
+    results = json.load(open(out))
+    assert results["task"] == "open" and results["n"] == 4 and results["invalid"] == 1
+    assert results["accuracy"] == pytest.approx(2 / 3)
+    assert results["score"] == pytest.approx((4.8 + 1 + 4) / 3)
+    assert results["temperature"] == 0.2 and results["predictions"] == str(predictions)
+    lines = {line["id"]: line for line in read_lines(predictions)}
+    assert len(lines) == 4 and lines[rows[2]["id"]]["invalid"] and lines[rows[0]["id"]]["score"] == 4.8
+    # the judge saw each sample's question, correct answer and the model's own prediction
+    for i, row in enumerate(rows):
+        prompt = next(p for t, p in judge.requests if t == f"q{i}")
+        assert f"Correct answer: {row['answer']}" in prompt
+        assert f"Predicted answer: {' '.join(lines[row['id']]['prediction'].split()) or '(empty answer)'}" in prompt
+    printed = capsys.readouterr().out
+    assert "Overall" in printed and "invalid judge verdicts: 1" in printed
+
+
+def test_open_needs_a_judge_on_the_command_line(synth, checkpoint):
+    with pytest.raises(SystemExit):
+        ev.main([f"--checkpoint={checkpoint}", f"--data={synth['eval']}", "--task=open"])
+
+
+# ---------------------------------------------------------------------------------------------
+# exact match, resume, skipped videos
+
+
+def exact_replies(rows):
+    """Right for even rows, wrong (but normalising differently) for odd ones."""
+    return {r["id"]: (f"The {r['answer'].upper()}." if i % 2 == 0 else "purple elephant") for i, r in enumerate(rows)}
+
+
+def test_exact_match_normalised_per_category(synth):
+    rows = load_jsonl(synth["eval"])
+    results = ev.evaluate(ScriptedPolicy(exact_replies(rows)), rows, batch_size=4, progress=False)
+    assert results["task"] == "exact" and results["n"] == 12 and results["accuracy"] == 0.5
+    expected = {}
+    for i, row in enumerate(rows):
+        expected.setdefault(row["category"], []).append(i % 2 == 0)
+    assert {c: (m["accuracy"], m["n"]) for c, m in results["by_category"].items()} == {
+        c: (sum(v) / len(v), len(v)) for c, v in expected.items()}
+    assert results["by_duration"] == {}
+
+
+def test_resume_generates_only_the_missing_samples(synth, tmp_path):
+    rows = load_jsonl(synth["eval"])
+    replies = exact_replies(rows)
+    predictions = tmp_path / "preds.jsonl"
+    full = ev.evaluate(ScriptedPolicy(replies), rows, batch_size=3, predictions_path=str(predictions),
+                       progress=False)
+    lines = predictions.read_text().splitlines(keepends=True)
+    assert len(lines) == 12
+    # an interrupted run: half the lines, then half of the next one (killed mid-write)
+    predictions.write_text("".join(lines[:6]) + lines[6][:20])
+    kept = {json.loads(line)["id"] for line in lines[:6]}
+    policy = ScriptedPolicy(replies)
+    resumed = ev.evaluate(policy, rows, batch_size=3, predictions_path=str(predictions), resume=True,
+                          progress=False)
+    generated = [i for call in policy.generated for i in call]
+    assert sorted(generated) == sorted(r["id"] for r in rows if r["id"] not in kept)
+    assert len(policy.generated) == 2
+    assert resumed == full
+    final = read_lines(predictions)                     # every line parses again
+    assert sorted(r["id"] for r in final) == sorted(r["id"] for r in rows)
+    # resuming a finished file generates nothing; without --resume the file starts over
+    policy = ScriptedPolicy(replies)
+    assert ev.evaluate(policy, rows, predictions_path=str(predictions), resume=True, progress=False) == full
+    assert policy.generated == []
+    ev.evaluate(ScriptedPolicy(replies), rows[:2], predictions_path=str(predictions), progress=False)
+    assert len(read_lines(predictions)) == 2
+    with pytest.raises(ValueError, match="'exact' predictions"):
+        ev.evaluate(ScriptedPolicy(), load_jsonl(synth["eval_mc"]), task="mc",
+                    predictions_path=str(predictions), resume=True, progress=False)
+
+
+def test_missing_video_is_skipped_and_counted(synth, tmp_path, caplog):
+    rows = load_jsonl(synth["eval"])[:5]
+    missing = str(tmp_path / "gone.mp4")
+    rows[2]["video"] = missing
+    policy = ScriptedPolicy(exact_replies(rows))
+    predictions = tmp_path / "preds.jsonl"
+    with caplog.at_level(logging.WARNING, logger="eval"):
+        results = ev.evaluate(policy, rows, batch_size=1, predictions_path=str(predictions), progress=False)
+    assert results["skipped_videos"] == 1 and results["n"] == 4
+    assert results["accuracy"] == pytest.approx(2 / 4)         # rows 0 and 4 right, 2 is not counted
+    assert any(missing in message for message in caplog.messages)
+    assert len(policy.generated) == 4                          # the empty batch made no generate call
+    skipped = [line for line in read_lines(predictions) if line.get("skipped")]
+    assert [line["id"] for line in skipped] == [rows[2]["id"]] and "file not found" in skipped[0]["error"]
+    # resume tries the skipped video again; it now exists
+    rows[2]["video"] = rows[1]["video"]
+    policy = ScriptedPolicy(exact_replies(rows))
+    results = ev.evaluate(policy, rows, predictions_path=str(predictions), resume=True, progress=False)
+    assert policy.generated == [[rows[2]["id"]]] and results["skipped_videos"] == 0 and results["n"] == 5
+
+
+def test_videos_of_different_sizes_share_one_encode_call():
+    videos = [torch.randint(0, 256, (4, 32, 48, 3), dtype=torch.uint8),
+              torch.randint(0, 256, (4, 40, 40, 3), dtype=torch.uint8)]
+    stacked = ev.stack_frames(videos)
+    assert stacked.shape == (2, 4, 40, 40, 3) and stacked.dtype == torch.uint8
+    assert torch.equal(stacked[1], videos[1])
+    same = [videos[1], videos[1].clone()]
+    assert torch.equal(ev.stack_frames(same), torch.stack(same))
+
+
+# ---------------------------------------------------------------------------------------------
+# the comparison table
+
+
+TABLE2 = {"Temporal Perception": (0.710, 0.498), "Spatial Reasoning": (0.512, 0.550),
+          "Overall": (0.424, 0.362)}
+
+
+def fake_results(column, task="mc"):
+    by_category = {c: {"accuracy": v[column], "n": 10} for c, v in TABLE2.items() if c != "Overall"}
+    results = {"task": task, "n": 20, "accuracy": TABLE2["Overall"][column], "by_category": by_category,
+               "by_duration": {}, "skipped_videos": 0}
+    if task == "open":
+        results.update(score=(3.9, 3.6)[column], invalid=0)
+        for m in by_category.values():
+            m.update(score=(3.9, 3.6)[column], invalid=0)
+    else:
+        results["unanswered"] = column
+    return results
+
+
+def test_compare_command_prints_table2(tmp_path):
+    paths = []
+    for column, name in ((1, "vlm"), (0, "oracle")):     # delta = B - A: Oracle-RLAIF minus VLM-RLAIF
+        path = tmp_path / f"{name}.json"
+        path.write_text(json.dumps(dict(fake_results(column), checkpoint=f"out/{name}-rlaif")))
+        paths.append(str(path))
+    out = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--compare", *paths],
+                         capture_output=True, text=True, cwd=HERE, timeout=60)
+    assert out.returncode == 0, out.stderr
+    lines = out.stdout.splitlines()
+    assert lines[0].split() == ["category", "vlm-rlaif", "oracle-rlaif", "delta"]
+    rows = {line.split("  ")[0].strip(): line.split() for line in lines[1:]}
+    assert rows["Temporal Perception"][-3:] == ["49.8%", "71.0%", "+21.2"]
+    assert rows["Spatial Reasoning"][-3:] == ["55.0%", "51.2%", "-3.8"]
+    assert rows["Overall"][-3:] == ["36.2%", "42.4%", "+6.2"]
+    assert "delta = oracle-rlaif - vlm-rlaif" in out.stdout
+
+
+def test_compare_open_has_accuracy_and_score_and_missing_rows():
+    a, b = fake_results(0, "open"), fake_results(1, "open")
+    del b["by_category"]["Spatial Reasoning"]
+    text = ev.format_comparison(b, a, names=("before", "after"))
+    header, *rows = text.splitlines()
+    assert header.split() == ["category", "before", "acc", "before", "score", "after", "acc", "after",
+                              "score", "delta", "acc", "delta", "score"]
+    temporal = next(r for r in rows if r.startswith("Temporal Perception")).split()
+    assert temporal[-6:] == ["49.8%", "3.60", "71.0%", "3.90", "+21.2", "+0.30"]
+    spatial = next(r for r in rows if r.startswith("Spatial Reasoning")).split()
+    assert spatial[-6:] == ["-", "-", "51.2%", "3.90", "-", "-"]
+    assert "delta = after - before" in text
+    with pytest.raises(ValueError):
+        ev.format_comparison(a, fake_results(1, "mc"))
+
+
+# ---------------------------------------------------------------------------------------------
+# the real tiny model through the command line
+
+
+def test_cli_infers_the_task_and_writes_files(synth, checkpoint, capsys):
+    assert ev.main([f"--checkpoint={checkpoint}", f"--data={synth['eval_mc']}", "--batch_size=5",
+                    "--limit=6", "--quiet"]) == 0
+    predictions = os.path.join(checkpoint, "eval", "eval_mc_mc_predictions.jsonl")
+    results = json.load(open(os.path.join(checkpoint, "eval", "eval_mc_mc_results.json")))
+    assert results["task"] == "mc" and results["n"] == 6 and results["max_new_tokens"] == 5
+    assert 0.0 <= results["accuracy"] <= 1.0 and set(results["by_category"]) <= {"colour", "count", "position", "order"}
+    lines = read_lines(predictions)
+    assert len(lines) == 6 and all({"prediction", "choice", "correct", "unanswered"} <= set(l) for l in lines)
+    assert "Overall" in capsys.readouterr().out
+    # no options: exact match
+    assert ev.main([f"--checkpoint={checkpoint}", f"--data={synth['eval']}", "--limit=3", "--quiet"]) == 0
+    results = json.load(open(os.path.join(checkpoint, "eval", "eval_exact_results.json")))
+    assert results["task"] == "exact" and results["n"] == 3 and results["max_new_tokens"] == 8
+
+
+# ---------------------------------------------------------------------------------------------
+# torch.distributed: two CPU processes (gloo)
+
+
+def distributed_worker(rank, world, port, rows, predictions, out_dir):
+    torch.distributed.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
+                                         world_size=world)
+    policy = ScriptedPolicy(exact_replies(rows))
+    results = ev.evaluate(policy, rows, batch_size=1, predictions_path=predictions, progress=False)
+    with open(os.path.join(out_dir, f"rank{rank}.json"), "w") as f:
+        json.dump({"results": results, "generate_calls": len(policy.generated),
+                   "encode_calls": policy.encode_calls, "ids": [i for c in policy.generated for i in c]}, f)
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
+
+
+def test_distributed_shards_keep_ranks_in_step(synth, tmp_path):
+    rows = load_jsonl(synth["eval"])[:5]
+    rows[3]["video"] = str(tmp_path / "gone.mp4")     # rank 1's second batch has no video at all
+    predictions = str(tmp_path / "preds.jsonl")
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(distributed_worker, args=(2, port, rows, predictions, str(tmp_path)), nprocs=2, join=True)
+    ranks = [json.load(open(tmp_path / f"rank{r}.json")) for r in range(2)]
+    # rank 0 has samples 0, 2, 4; rank 1 has 1, 3 (no video) and one blank batch: 3 calls each
+    assert [r["generate_calls"] for r in ranks] == [3, 3] and [r["encode_calls"] for r in ranks] == [3, 3]
+    assert ranks[0]["ids"] == [rows[0]["id"], rows[2]["id"], rows[4]["id"]]
+    assert ranks[1]["ids"][0] == rows[1]["id"]
+    assert ranks[0]["results"] == ranks[1]["results"]
+    single = ev.evaluate(ScriptedPolicy(exact_replies(rows)), rows, progress=False)
+    assert ranks[0]["results"] == single and single["skipped_videos"] == 1
+    lines = read_lines(predictions)                      # written once, by rank 0
+    assert sorted(line["id"] for line in lines) == sorted(r["id"] for r in rows)

@@ -1,0 +1,307 @@
+"""Tests for rollout.py and train.py: Algorithm 1's invariants, resume, faults, torchrun + FSDP2."""
+import importlib
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import train
+from data import load_jsonl, make_synthetic_dataset, write_jsonl
+from grpo_rank import ranks_from_scores
+from model import ModelConfig, VideoLM
+from oracle import OracleError
+from rollout import completion_logprobs, rollout
+from sft import train_sft
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+SMALL = ["--batch_size=4", "--num_generations=4", "--max_new_tokens=4", "--eval_size=8", "--save_every=100",
+         "--num_threads=1"]
+
+
+@pytest.fixture(scope="session")
+def synth(tmp_path_factory):
+    root = tmp_path_factory.mktemp("synth")
+    return make_synthetic_dataset(str(root), num_train=64, num_eval=16)
+
+
+@pytest.fixture(scope="session")
+def sft_dir(synth, tmp_path_factory):
+    """A warm start shared by the tests: 30 SFT steps of the tiny model."""
+    torch.manual_seed(0)
+    policy = VideoLM(ModelConfig())
+    train_sft(policy, load_jsonl(synth["train"]), steps=30, batch_size=16, progress=False)
+    path = str(tmp_path_factory.mktemp("sft") / "sft")
+    policy.save(path)
+    return path
+
+
+def run_train(*args):
+    """train.main with fresh defaults (the module keeps its configuration in globals)."""
+    module = importlib.reload(train)
+    return module, module.main(list(args))
+
+
+def read_metrics(out_dir):
+    with open(os.path.join(out_dir, "metrics.jsonl")) as f:
+        return [json.loads(line) for line in f]
+
+
+def common(synth, sft_dir, out_dir):
+    return [f"--train_data={synth['train']}", f"--eval_data={synth['eval']}", f"--sft_checkpoint={sft_dir}",
+            f"--out_dir={out_dir}"] + SMALL
+
+
+def small_rollout(sft_dir, synth, group_size=4):
+    from train import load_frames
+    policy = VideoLM.load(sft_dir)
+    policy.add_lora(8, 16)
+    policy.snapshot_reference()
+    samples = load_jsonl(synth["train"])[:3]
+    frames, samples, _ = load_frames(samples, policy.config.num_frames)
+    batch = rollout(policy, samples, frames, group_size, max_new_tokens=4, generator=torch.Generator().manual_seed(0))
+    return policy, batch
+
+
+# ----------------------------------------------------------------------------- rollout
+
+def test_rollout_encodes_once_and_groups_are_contiguous(sft_dir, synth):
+    policy, batch = small_rollout(sft_dir, synth)
+    assert policy.encode_calls == 1                       # B prompts, G samples each: one encode
+    assert batch.completion_ids.shape[0] == 3 * 4 and batch.seq_logp.shape == (3, 4)
+    assert len(batch.responses) == 3 and all(len(group) == 4 for group in batch.responses)
+    # l_i is the masked sum of the token log-probs, row b*G + i belongs to prompt b
+    summed = (batch.old_logp * batch.completion_mask).sum(-1).view(3, 4)
+    assert torch.allclose(batch.seq_logp, summed, atol=1e-6)
+    # EOS-aware mask: ones, then zeros; a row is truncated exactly when it has no EOS
+    eos = policy.tokenizer.eos_token_id
+    for ids, mask, cut in zip(batch.completion_ids, batch.completion_mask, batch.truncated):
+        length = int(mask.sum())
+        assert mask[:length].all() and not mask[length:].any()
+        assert bool(cut) == (eos not in ids[:length].tolist())
+
+
+def test_predicted_ranks_follow_sequence_logprobs(sft_dir, synth):
+    _, batch = small_rollout(sft_dir, synth)
+    predicted = ranks_from_scores(batch.seq_logp)
+    for b in range(3):
+        order = batch.seq_logp[b].argsort(descending=True)
+        assert predicted[b, order[0]] == 0                 # the most likely response is ranked first
+        assert (predicted[b].unsqueeze(0) <= predicted[b].unsqueeze(1)).eq(
+            batch.seq_logp[b].unsqueeze(0) >= batch.seq_logp[b].unsqueeze(1)).all()
+
+
+def test_ratio_is_exactly_one_on_the_first_pass(sft_dir, synth):
+    policy, batch = small_rollout(sft_dir, synth)
+    policy.train()
+    logp = completion_logprobs(policy, batch)
+    ratio = torch.exp(logp - batch.old_logp)[batch.completion_mask.bool()]
+    assert torch.equal(ratio, torch.ones_like(ratio))
+
+
+def test_reference_is_frozen_within_an_epoch_and_refreshed_at_its_start(sft_dir, synth, tmp_path):
+    policy, batch = small_rollout(sft_dir, synth)
+    with torch.no_grad():
+        ref_before = completion_logprobs(policy, batch, reference=True)
+    # a training step moves the policy but not the reference
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-2)
+    (-completion_logprobs(policy, batch).sum()).backward()
+    optimizer.step()
+    with torch.no_grad():
+        assert torch.equal(completion_logprobs(policy, batch, reference=True), ref_before)
+        moved = completion_logprobs(policy, batch)
+    assert not torch.allclose(moved, ref_before)
+    assert not any(p.requires_grad for n, p in policy.named_parameters() if ".ref." in n or n.startswith("ref_"))
+    policy.snapshot_reference()                                       # Algorithm 1 line 3
+    with torch.no_grad():
+        assert torch.equal(completion_logprobs(policy, batch, reference=True), moved)
+
+
+# ----------------------------------------------------------------------------- train.py
+
+def test_one_step_changes_only_lora_and_projector(synth, sft_dir, tmp_path):
+    out = str(tmp_path / "out")
+    run_train(*common(synth, sft_dir, out), "--max_steps=1", "--beta=0.0")
+    before = VideoLM.load(sft_dir).state_dict()
+    after = VideoLM.load(os.path.join(out, "ckpt", "model")).state_dict()
+    changed = {name for name, tensor in after.items()
+               if name in before and not torch.equal(tensor, before[name])}
+    base_names = {name.replace("base_model.model.", "").replace(".base_layer", ""): name for name in after}
+    for plain, name in base_names.items():
+        if plain in before and "lora_" not in name and not name.startswith("projector."):
+            assert torch.equal(after[name], before[plain]), f"{name} changed"
+    assert any(name.startswith("projector.") for name in changed)
+    assert any("lora_B.default" in name and not torch.equal(tensor, torch.zeros_like(tensor))
+               for name, tensor in after.items())
+
+
+def test_main_job_writes_results_metrics_and_checkpoint(synth, sft_dir, tmp_path):
+    out = str(tmp_path / "out")
+    _, results = run_train(*common(synth, sft_dir, out), "--max_steps=2")
+    with open(os.path.join(out, "results.json")) as f:
+        saved = json.load(f)
+    for key in ("before", "after", "config", "seconds"):
+        assert key in saved
+    assert 0.0 <= saved["before"]["accuracy"] <= 1.0 and saved["before"]["by_category"]
+    assert saved["before"]["n"] == 8                         # eval_size of the eval split
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    for key in ("loss", "mean_abs_advantage", "ndcg_agreement", "all_tied_fraction", "kl", "entropy",
+                "clip_fraction", "response_length", "oracle_failures", "skipped_samples", "samples_per_s", "seconds"):
+        assert key in rows[0]
+    assert os.path.exists(os.path.join(out, "ckpt", "model", "model.safetensors"))
+    assert saved["config"]["advantage"] == "lambda"
+
+
+def test_resume_reproduces_the_uninterrupted_run(synth, sft_dir, tmp_path):
+    straight, interrupted = str(tmp_path / "straight"), str(tmp_path / "interrupted")
+    run_train(*common(synth, sft_dir, straight), "--max_steps=4")
+    run_train(*common(synth, sft_dir, interrupted), "--max_steps=4", "--stop_after_steps=2")
+    assert [r["step"] for r in read_metrics(interrupted)] == [1, 2]
+    run_train(*common(synth, sft_dir, interrupted), "--max_steps=4", "--resume=True")
+    a, b = read_metrics(straight), read_metrics(interrupted)
+    assert [r["step"] for r in b] == [1, 2, 3, 4]
+    for row_a, row_b in zip(a[2:], b[2:]):
+        assert row_a["loss"] == pytest.approx(row_b["loss"], abs=1e-5)
+        assert row_a["mean_abs_advantage"] == pytest.approx(row_b["mean_abs_advantage"], abs=1e-5)
+
+
+def test_oracle_failure_gives_zero_advantages_and_is_counted():
+    class Flaky:
+        def rank(self, sample, responses):
+            if sample["id"] == "bad":
+                raise OracleError("judge timed out")
+            if sample["id"] == "short":
+                return [0, 1]                                      # not a ranking of G responses
+            return [0, 1, 1, 3]
+    samples = [{"id": "ok"}, {"id": "bad"}, {"id": "short"}]
+    oracle_rank, valid, failures = train.oracle_ranks(Flaky(), samples, [["a", "b", "c", "d"]] * 3, workers=1)
+    assert valid.tolist() == [True, False, False]
+    assert oracle_rank[0].tolist() == [0, 1, 1, 3] and oracle_rank[1:].eq(0).all()
+    assert "sample bad" in failures[0] and "timed out" in failures[0]
+    assert "invalid ranking for sample short" in failures[1]
+
+
+def test_oracle_failures_counted_in_a_run(synth, sft_dir, tmp_path, monkeypatch):
+    class Down:
+        def rank(self, sample, responses):
+            raise OracleError("connection refused")
+    out = str(tmp_path / "out")
+    module = importlib.reload(train)
+    monkeypatch.setattr(module, "build_oracle", lambda: Down())
+    with pytest.warns(UserWarning, match="oracle failed"):
+        module.main(common(synth, sft_dir, out) + ["--max_steps=1", "--beta=0.0"])
+    row = read_metrics(out)[0]
+    assert row["oracle_failures"] == 4 and row["mean_abs_advantage"] == 0.0 and row["loss"] == 0.0
+
+
+def broken_train_file(synth, tmp_path, missing):
+    rows = load_jsonl(synth["train"])[:16]
+    for row in rows[:missing]:
+        row["video"] = str(tmp_path / f"missing-{row['id']}.mp4")
+    path = str(tmp_path / "train.jsonl")
+    write_jsonl(path, rows)
+    return path
+
+
+def test_bad_video_is_skipped_and_counted(synth, sft_dir, tmp_path):
+    train_file = broken_train_file(synth, tmp_path, missing=1)
+    out = str(tmp_path / "out")
+    args = common(synth, sft_dir, out) + [f"--train_data={train_file}", "--batch_size=16", "--max_steps=1"]
+    with pytest.warns(UserWarning, match="missing-"):
+        run_train(*args)
+    assert read_metrics(out)[0]["skipped_samples"] == 1
+
+
+def test_too_many_bad_videos_abort_with_a_clear_message(synth, sft_dir, tmp_path):
+    train_file = broken_train_file(synth, tmp_path, missing=3)
+    args = common(synth, sft_dir, str(tmp_path / "out")) + [f"--train_data={train_file}", "--batch_size=16"]
+    with pytest.raises(RuntimeError, match="3 of 16 videos failed to decode"), pytest.warns(UserWarning):
+        run_train(*args)
+
+
+def test_nonfinite_loss_skips_the_step_and_aborts_after_three(synth, sft_dir, tmp_path, monkeypatch):
+    out = str(tmp_path / "out")
+    module = importlib.reload(train)
+    real_loss = module.grpo_rank_loss
+    monkeypatch.setattr(module, "grpo_rank_loss", lambda *a, **k: (real_loss(*a, **k)[0] * float("nan"), {}))
+    with pytest.raises(RuntimeError, match="3 non-finite steps in a row"), pytest.warns(UserWarning, match="non-finite"):
+        module.main(common(synth, sft_dir, out) + ["--max_steps=5", "--save_every=1"])
+    rows = read_metrics(out)
+    assert [r["nonfinite_steps"] for r in rows] == [1, 2, 3]
+    # no optimizer step was taken: the checkpoints hold the warm start's LoRA (B = 0) and projector
+    state = VideoLM.load(os.path.join(out, "ckpt", "model")).state_dict()
+    sft_state = VideoLM.load(sft_dir).state_dict()
+    assert all(torch.equal(state[n], sft_state[n]) for n in sft_state if n.startswith("projector."))
+    assert all(t.abs().max() == 0 for n, t in state.items() if "lora_B" in n)
+
+
+def test_checkpoint_never_holds_nonfinite_weights_and_survives_a_crash(sft_dir, tmp_path, monkeypatch):
+    policy = VideoLM.load(sft_dir)
+    optimizer = torch.optim.AdamW(policy.trainable_parameters())
+    path = str(tmp_path / "ckpt")
+    train.save_checkpoint(path, policy, optimizer, {"step": 1}, master=True)
+    with torch.no_grad():
+        policy.projector[0].weight[0, 0] = float("nan")
+    with pytest.raises(RuntimeError, match="non-finite"):
+        train.save_checkpoint(path, policy, optimizer, {"step": 2}, master=True)
+    assert torch.load(os.path.join(path, "train_state.pt"), weights_only=False)["step"] == 1
+    # a crash between the two renames: the old checkpoint is still found and loads
+    with torch.no_grad():
+        policy.projector[0].weight[0, 0] = 0.0
+    real_rename, calls = os.rename, []
+
+    def crash_on_second(src, dst):
+        calls.append(src)
+        if len(calls) == 2:
+            raise KeyboardInterrupt("killed")
+        real_rename(src, dst)
+    monkeypatch.setattr(os, "rename", crash_on_second)
+    with pytest.raises(KeyboardInterrupt):
+        train.save_checkpoint(path, policy, optimizer, {"step": 3}, master=True)
+    monkeypatch.setattr(os, "rename", real_rename)
+    found = train.latest_checkpoint(path)
+    assert found == path + ".old"
+    assert torch.load(os.path.join(found, "train_state.pt"), weights_only=False)["step"] == 1
+    VideoLM.load(os.path.join(found, "model"))
+
+
+def test_bad_options_fail_with_clear_messages():
+    with pytest.raises(SystemExit, match="unknown option 'learning_rat'.*learning_rate"):
+        run_train("--learning_rat=1e-3")
+    with pytest.raises(SystemExit, match="--advantage must be one of"):
+        run_train("--advantage=ppo")
+    with pytest.raises(SystemExit, match="--max_steps expects a int"):
+        run_train("--max_steps=ten")
+    with pytest.raises(SystemExit, match="config file 'nope.py' not found"):
+        run_train("nope.py")
+
+
+def test_config_file_and_overrides(tmp_path):
+    config = tmp_path / "cfg.py"
+    config.write_text("learning_rate = 3e-4\nadvantage = 'paper'\n")
+    namespace = {"learning_rate": 1e-3, "advantage": "lambda", "resume": False, "max_steps": 200}
+    train.configure([str(config), "--advantage=rank_reward", "--resume=True", "--max_steps=7"], namespace)
+    assert namespace == {"learning_rate": 3e-4, "advantage": "rank_reward", "resume": True, "max_steps": 7}
+
+
+# ----------------------------------------------------------------------------- torchrun + FSDP2
+
+def test_torchrun_two_processes_fsdp(synth, tmp_path):
+    out = str(tmp_path / "out")
+    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+               os.path.join(HERE, "train.py"), "--max_steps=2", "--sft_steps=20", "--eval_size=16",
+               f"--out_dir={out}", f"--train_data={synth['train']}", f"--eval_data={synth['eval']}",
+               "--batch_size=4", "--num_generations=4", "--num_threads=1"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(command, capture_output=True, text=True, timeout=170, cwd=str(tmp_path), env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    rows = read_metrics(out)
+    assert [r["step"] for r in rows] == [1, 2]
+    with open(os.path.join(out, "results.json")) as f:
+        results = json.load(f)
+    assert results["before"]["n"] == 16 and results["after"]["n"] == 16
+    # the sharded run's checkpoint loads in a single process
+    VideoLM.load(os.path.join(out, "ckpt", "model"))
