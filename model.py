@@ -332,10 +332,11 @@ class VideoLM(nn.Module):
             embeds, mask = embeds.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
             embeds = torch.cat([embeds, lm.get_input_embeddings()(completion_ids)], 1)
             mask = torch.cat([mask, completion_mask.to(mask.dtype)], 1)
-            length = completion_ids.shape[1]
+            total, length = mask.shape[1], completion_ids.shape[1]
+            predicting = torch.arange(total - length - 1, total - 1, device=mask.device)   # position t predicts token t+1
             out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask),
-                     logits_to_keep=length + 1, use_cache=False)
-            return out.logits[:, :-1]           # position t predicts completion token t
+                     logits_to_keep=predicting, use_cache=False)
+            return out.logits
 
     @torch.no_grad()
     def generate(self, features, prompt_ids, prompt_mask, group_size=1, max_new_tokens=8,

@@ -291,7 +291,7 @@ def test_config_file_and_overrides(tmp_path):
 
 def test_torchrun_two_processes_fsdp(synth, tmp_path):
     out = str(tmp_path / "out")
-    command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=0",
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
                os.path.join(HERE, "train.py"), "--max_steps=2", "--sft_steps=20", "--eval_size=16",
                f"--out_dir={out}", f"--train_data={synth['train']}", f"--eval_data={synth['eval']}",
                "--batch_size=4", "--num_generations=4", "--num_threads=1"]

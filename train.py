@@ -186,21 +186,20 @@ def reduce_sum(values, device):
 
 
 def shard(policy):
-    """FSDP2: each decoder layer, the input embeddings and the LM are sharded groups; the projectors
-    are their own groups (called directly, so their forward hooks gather them). The frozen vision
-    tower is replicated: it has no gradients or optimizer state to shard."""
-    from torch.distributed.fsdp import fully_shard
-    lms = [policy.lm] + ([policy.ref_lm] if policy.ref_lm is not None else [])
-    for lm_ in lms:
+    """FSDP2: every decoder layer is a sharded group, and the whole policy is the root group (vision
+    tower, embeddings, projectors, LM head). The policy is used through encode_video, generate and
+    completion_logits rather than forward, so those are registered as the root's forward methods:
+    each call gathers the root's parameters and reshards them after."""
+    from torch.distributed.fsdp import fully_shard, register_fsdp_forward_method
+    for lm_ in [policy.lm] + ([policy.ref_lm] if policy.ref_lm is not None else []):
         base = lm_.get_base_model() if hasattr(lm_, "get_base_model") else lm_
         layer_names = set(getattr(base, "_no_split_modules", None) or [])
         for module in list(lm_.modules()):
             if type(module).__name__ in layer_names:
                 fully_shard(module)
-        fully_shard(lm_.get_input_embeddings())
-        fully_shard(lm_)
-    fully_shard(policy.projector)
-    fully_shard(policy.ref_projector)
+    fully_shard(policy, reshard_after_forward=True)
+    for method in ("encode_video", "generate", "completion_logits"):
+        register_fsdp_forward_method(policy, method)
 
 
 # ----------------------------------------------------------------------------- checkpoints
