@@ -165,6 +165,10 @@ class VideoLM(nn.Module):
         self.ref_projector = None                         # set by snapshot_reference()
         self.ref_lm = None                                # only without LoRA: a full copy
         self.encode_calls = 0                             # counted, so tests can check encode-once
+        if config.lm != "tiny":
+            # A pretrained LM is trained only through LoRA: checkpoints then hold adapters and the
+            # projector (megabytes), never a second copy of the base weights (gigabytes).
+            self.lm.requires_grad_(False)
         if config.gradient_checkpointing:
             self.lm.gradient_checkpointing_enable()
         if config.lora_r > 0:
@@ -405,11 +409,14 @@ class VideoLM(nn.Module):
         if meta.get("reference"):
             model.snapshot_reference()
         state = load_file(os.path.join(path, WEIGHTS))
-        missing = [name for name in model.state_dict() if model._saved(name) and name not in state]
-        unexpected = [name for name in state if name not in model.state_dict()]
-        if missing or unexpected:
+        own = model.state_dict()
+        missing = [name for name in own if model._saved(name) and name not in state]
+        unexpected = [name for name in state if name not in own]
+        mismatched = [f"{name} {tuple(state[name].shape)} vs {tuple(own[name].shape)}"
+                      for name in state if name in own and state[name].shape != own[name].shape]
+        if missing or unexpected or mismatched:
             raise ValueError(f"{path}: checkpoint does not fit the model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}")
+                             f"unexpected {unexpected[:5]}, shape (saved vs model) {mismatched[:5]}")
         model.load_state_dict(state, strict=False)
         return model
 

@@ -1,0 +1,198 @@
+"""
+Does GRPO_rank learn? Every advantage from the SAME SFT warm start, same steps, several seeds,
+under two Oracles; writes results/ablation.json, results/curves.png and a README-ready table.
+
+$ python experiments.py                  # everything (a few hours on 2 cores); finished runs are skipped
+$ python experiments.py --report=True    # only collect finished runs, plot and print the tables
+
+Runs (each is `python train.py ...` in its own process, output in results/runs/<name>/):
+  main:     advantage paper | lambda | rank_reward  x  oracle reference | graded  x  seeds
+  variants: advantage=paper with dcg_kind eq10 | eq11 | table3, bound symmetric | literal,
+            ratio_policy rollout | reference (reference Oracle, first seed)
+"""
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+
+# -----------------------------------------------------------------------------
+out_dir = "results"
+seeds = "0,1,2"
+max_steps = 200
+eval_every = 50
+sft_steps = 300
+sft_seed = 1337            # the warm start of the default `python train.py`
+variants = True            # also the paper's open variants
+report = False             # only collect, plot and print
+num_threads = 2
+# -----------------------------------------------------------------------------
+METHODS = ("paper", "lambda", "rank_reward")
+ORACLES = ("reference", "graded")
+
+
+def plan():
+    """[(name, train.py overrides, description)] for every run."""
+    runs = []
+    for oracle in ORACLES:
+        for method in METHODS:
+            for seed in seeds.split(","):
+                runs.append((f"{method}-{oracle}-s{seed}", [f"--advantage={method}", f"--oracle={oracle}", f"--seed={seed}"],
+                             {"method": method, "variant": "default", "oracle": oracle, "seed": int(seed)}))
+    if variants:
+        seed = seeds.split(",")[0]
+        for dcg_kind in ("eq10", "eq11", "table3"):
+            for bound in ("symmetric", "literal"):
+                for ratio_policy in ("rollout", "reference"):
+                    if (dcg_kind, bound, ratio_policy) == ("eq10", "symmetric", "rollout"):
+                        continue   # that is the main paper run
+                    variant = f"{dcg_kind}/{bound}/{ratio_policy}"
+                    runs.append((f"paper-{dcg_kind}-{bound}-{ratio_policy}-s{seed}",
+                                 ["--advantage=paper", f"--dcg_kind={dcg_kind}", f"--bound={bound}",
+                                  f"--ratio_policy={ratio_policy}", f"--seed={seed}"],
+                                 {"method": "paper", "variant": variant, "oracle": "reference", "seed": int(seed)}))
+    return runs
+
+
+def run(script, args):
+    command = [sys.executable, script, *args, f"--num_threads={num_threads}"]
+    print(" ".join(command), flush=True)
+    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+
+
+def ensure_sft():
+    """One warm start for every run, trained exactly as the default main job trains it."""
+    sft_dir = os.path.join(out_dir, "sft")
+    if not os.path.exists(os.path.join(sft_dir, "config.json")):
+        run("sft.py", [f"--out_dir={sft_dir}", f"--seed={sft_seed}", f"--steps={sft_steps}"])
+    return sft_dir
+
+
+def read_jsonl(path):
+    if not os.path.exists(path):
+        return []
+    with open(path) as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def collect(runs):
+    rows = []
+    for name, _, info in runs:
+        run_dir = os.path.join(out_dir, "runs", name)
+        path = os.path.join(run_dir, "results.json")
+        if not os.path.exists(path):
+            continue
+        with open(path) as f:
+            result = json.load(f)
+        curve = [(0, result["before"]["accuracy"])] + [(e["step"], e["accuracy"]) for e in read_jsonl(os.path.join(run_dir, "evals.jsonl"))]
+        steps = result["config"]["max_steps"]
+        curve.append((steps, result["after"]["accuracy"]))
+        metrics = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
+        rows.append({**info, "name": name, "before": result["before"]["accuracy"], "after": result["after"]["accuracy"],
+                     "by_category": {"before": {k: v["accuracy"] for k, v in result["before"]["by_category"].items()},
+                                     "after": {k: v["accuracy"] for k, v in result["after"]["by_category"].items()}},
+                     "steps": steps, "seconds": result["seconds"].get("rl", 0.0), "curve": curve,
+                     "oracle_rank": [(m["step"], m["mean_oracle_rank"]) for m in metrics],
+                     "sample_accuracy": [(m["step"], m["sample_accuracy"]) for m in metrics]})
+    return rows
+
+
+def mean_std(values):
+    values = [100 * v for v in values]
+    if not values:
+        return "-"
+    spread = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.1f} ± {spread:.1f}"
+
+
+def table(rows, oracle):
+    """Markdown, shaped like the paper's Table 2: rows = categories + overall, columns = SFT and methods."""
+    main = [r for r in rows if r["oracle"] == oracle and r["variant"] == "default"]
+    if not main:
+        return ""
+    categories = sorted(main[0]["by_category"]["before"])
+    columns = ["SFT"] + [m for m in METHODS if any(r["method"] == m for r in main)]
+    lines = [f"| category | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
+    for category in categories + ["Overall"]:
+        cells = []
+        for column in columns:
+            picked = main if column == "SFT" else [r for r in main if r["method"] == column]
+            key = "before" if column == "SFT" else "after"
+            if column == "SFT":
+                picked = picked[:1]    # one warm start for all runs
+            values = [r[key] if category == "Overall" else r["by_category"][key][category] for r in picked]
+            cells.append(mean_std(values))
+        lines.append(f"| {category} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def variant_table(rows):
+    picked = [r for r in rows if r["method"] == "paper" and r["oracle"] == "reference" and r["seed"] == int(seeds.split(",")[0])]
+    lines = ["| dcg_kind / bound / ratio_policy | before | after |", "| --- | --- | --- |"]
+    for r in sorted(picked, key=lambda r: r["variant"]):
+        name = "eq10/symmetric/rollout" if r["variant"] == "default" else r["variant"]
+        lines.append(f"| {name} | {100 * r['before']:.1f} | {100 * r['after']:.1f} |")
+    return "\n".join(lines)
+
+
+def plot(rows, path):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(2, len(ORACLES), figsize=(6 * len(ORACLES), 8), squeeze=False)
+    for column, oracle in enumerate(ORACLES):
+        for method in METHODS:
+            runs = [r for r in rows if r["oracle"] == oracle and r["method"] == method and r["variant"] == "default"]
+            for row_index, key in enumerate(("curve", "oracle_rank")):
+                if not runs:
+                    continue
+                steps = [s for s, _ in runs[0][key]]
+                series = [[v for _, v in r[key]] for r in runs if len(r[key]) == len(steps)]
+                mean = [statistics.mean(vals) for vals in zip(*series)]
+                low = [min(vals) for vals in zip(*series)]
+                high = [max(vals) for vals in zip(*series)]
+                ax = axes[row_index][column]
+                ax.plot(steps, mean, label=f"{method} ({len(series)} seeds)")
+                ax.fill_between(steps, low, high, alpha=0.2)
+        axes[0][column].set_title(f"held-out accuracy, {oracle} Oracle")
+        axes[1][column].set_title(f"mean Oracle rank of the samples, {oracle} Oracle (lower = better)")
+        for ax in axes[:, column]:
+            ax.set_xlabel("RL step")
+            ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+
+
+def main(argv):
+    from train import configure
+    configure(argv, globals())
+    os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
+    runs = plan()
+    if not report:
+        sft = ensure_sft()
+        for name, args, _ in runs:
+            run_dir = os.path.join(out_dir, "runs", name)
+            if os.path.exists(os.path.join(run_dir, "results.json")):
+                continue
+            start = time.time()
+            run("train.py", [f"--out_dir={run_dir}", f"--sft_checkpoint={sft}", f"--max_steps={max_steps}",
+                       f"--eval_every={eval_every}", f"--save_every={max_steps}", *args])
+            print(f"{name}: {time.time() - start:.0f} s", flush=True)
+    rows = collect(runs)
+    with open(os.path.join(out_dir, "ablation.json"), "w") as f:
+        json.dump([{k: v for k, v in r.items() if k not in ("curve", "oracle_rank", "sample_accuracy")} | {"curve": r["curve"]}
+                   for r in rows], f, indent=1)
+    if rows:
+        plot(rows, os.path.join(out_dir, "curves.png"))
+    for oracle in ORACLES:
+        print(f"\nheld-out exact match (%), {oracle} Oracle, mean ± std over seeds, {max_steps} RL steps\n")
+        print(table(rows, oracle))
+    if variants:
+        print("\nthe paper's advantage under its open variants (reference Oracle, one seed)\n")
+        print(variant_table(rows))
+    print(f"\n{len(rows)} of {len(runs)} runs finished; wrote {out_dir}/ablation.json and {out_dir}/curves.png")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
