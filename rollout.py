@@ -33,20 +33,22 @@ class Rollout:
     responses: list                # B lists of G decoded strings
 
 
-def token_logprobs(logits, token_ids, with_entropy=False, chunk_rows=16):
-    """log pi(token) as logit - logsumexp, in float32, a few rows at a time, so that no float32
-    log_softmax over the whole batch and vocabulary is ever materialised.
+def token_logprobs(logits, token_ids, with_entropy=False, chunk_tokens=1024):
+    """log pi(token) as logit - logsumexp, in float32, `chunk_tokens` positions at a time, so that
+    no float32 copy of the whole (N, L, vocab) logits is ever materialised: the peak extra memory
+    is a few chunk_tokens x vocab floats, whatever N and L are.
     logits: (N, L, vocab), token_ids: (N, L) -> logp (N, L) [, entropy (N, L)]."""
+    flat_logits, flat_ids = logits.reshape(-1, logits.shape[-1]), token_ids.reshape(-1)
     logps, entropies = [], []
-    for start in range(0, logits.shape[0], chunk_rows):
-        chunk = logits[start:start + chunk_rows].float()
+    for start in range(0, flat_ids.shape[0], chunk_tokens):
+        chunk = flat_logits[start:start + chunk_tokens].float()
         log_norm = torch.logsumexp(chunk, -1)
-        chosen = chunk.gather(-1, token_ids[start:start + chunk_rows].unsqueeze(-1)).squeeze(-1)
+        chosen = chunk.gather(-1, flat_ids[start:start + chunk_tokens].unsqueeze(-1)).squeeze(-1)
         logps.append(chosen - log_norm)
         if with_entropy:   # H = logsumexp(z) - sum_v p_v z_v
             entropies.append(log_norm - (torch.softmax(chunk, -1) * chunk).sum(-1))
-    logp = torch.cat(logps)
-    return (logp, torch.cat(entropies)) if with_entropy else logp
+    logp = torch.cat(logps).view(token_ids.shape)
+    return (logp, torch.cat(entropies).view(token_ids.shape)) if with_entropy else logp
 
 
 def completion_logprobs(policy, batch, reference=False, with_entropy=False):
