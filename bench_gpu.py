@@ -1,0 +1,305 @@
+"""
+GPU benchmark of GRPO_rank steps at the paper's scale: a LLaMA-7B-shaped LM (random weights unless
+--lm is given) behind a CLIP ViT-L/14-336-shaped tower (random weights unless --vision is given),
+LoRA (or QLoRA with --load_in_4bit=True), bf16, 50 frames, G = 5.
+
+$ python bench_gpu.py                                   # one GPU, bf16 + LoRA
+$ python bench_gpu.py --load_in_4bit=True               # QLoRA, the paper's setting
+$ torchrun --nproc_per_node=4 bench_gpu.py --baseline_step_s=12.3   # FSDP2 as train.py; scaling vs 1 GPU
+$ python bench_gpu.py --tiny=True --load_in_4bit=True    # tiny shapes on the GPU: checks the script in seconds
+$ python bench_gpu.py --cpu_smoke=True                  # the same code path, tiny shapes, on the CPU
+
+Random parts are built from configs and written with save_pretrained to a cache directory, so the
+policy is loaded through model.py's normal pretrained path (from_pretrained, bitsandbytes, peft).
+Each step is timed by phase, with torch.cuda.synchronize() around every timer:
+    encode        the vision tower over B x T frames (once per prompt)
+    generation    B x G samples, one batched KV-cached generate
+    rollout_logp  the no-grad scoring pass of the rollout (+ decoding)
+    oracle        ranking the groups (the reference Oracle: string matching) and the rank advantages
+    ref_logp      the reference adapter's log-probs (KL term)
+    train_forward the training pass with grad, and the loss
+    backward      loss.backward()
+    optimizer     gradient clipping and AdamW
+reported as medians over the timed steps, with generated tokens/s and torch.cuda.max_memory_allocated.
+Under torchrun every rank reports its own figures; rank 0 writes them all, and with --baseline_step_s
+(the 1-GPU step time at the same per-GPU batch) the weak-scaling efficiency baseline / step time
+(ideal 1.0) and the throughput speed-up N x baseline / step time (ideal N). Writes results/bench_gpu.json.
+"""
+import contextlib
+import json
+import os
+import platform
+import resource
+import statistics
+import sys
+import tempfile
+import time
+
+import torch
+
+# -----------------------------------------------------------------------------
+# defaults, overridable as --key=value
+lm = ""                      # an HF causal LM dir; empty: random weights of LLaMA-7B shape
+vision = ""                  # a CLIP vision dir; empty: random weights of CLIP ViT-L/14-336 shape
+load_in_4bit = False         # QLoRA: NF4 base weights (CUDA only)
+dtype = "bfloat16"
+gradient_checkpointing = True
+lora_r = 64                  # the paper's QLoRA rank
+lora_alpha = 16
+batch_size = 4               # prompts per GPU (the paper: 16 per GPU; 4 keeps the KV cache of B*G=20 small)
+num_generations = 5          # G (the paper)
+max_new_tokens = 64
+num_frames = 50              # (the paper)
+temperature = 1.0
+steps = 3                    # timed steps
+warmup_steps = 1             # untimed steps first (CUDA kernels, allocator)
+learning_rate = 1e-5
+baseline_step_s = 0.0        # the 1-GPU step time to compare a torchrun run against; 0: none
+cache_dir = ""               # where random parts are written; empty: $TMPDIR/bench_gpu_parts
+out_json = "results/bench_gpu.json"
+tiny = False                 # tiny shapes and settings (TINY_SMOKE) on the GPU: a quick check of the script
+cpu_smoke = False            # the same on the CPU: tests this script without a GPU
+num_threads = 0              # CPU threads for torch; 0: torch's default
+seed = 0
+# -----------------------------------------------------------------------------
+
+LLAMA_7B = dict(hidden_size=4096, intermediate_size=11008, num_hidden_layers=32, num_attention_heads=32,
+                num_key_value_heads=32, max_position_embeddings=4096, rms_norm_eps=1e-5, vocab_size=32000)
+CLIP_L_336 = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=24, num_attention_heads=16,
+                  image_size=336, patch_size=14)
+TINY_LM = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+               num_key_value_heads=4, max_position_embeddings=256, rms_norm_eps=1e-5)   # vocab: the tokenizer's
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+                   image_size=32, patch_size=8)
+TINY_SMOKE = dict(batch_size=2, num_generations=2, max_new_tokens=4, num_frames=2, steps=2, warmup_steps=0,
+                  lora_r=4, dtype="float32", load_in_4bit=False, gradient_checkpointing=False, num_threads=1)
+QUESTION, ANSWER = "what colour is the square?", "red"   # the Oracle grades against this; random weights miss
+
+
+def sized_tokenizer(vocab_size=None):
+    """A word-level tokenizer (model.word_tokenizer) padded with filler words to exactly vocab_size
+    tokens, so that every id a random LM samples decodes. None: just the template's words."""
+    from model import word_tokenizer
+    base = len(word_tokenizer([ANSWER]))
+    fillers = [f"tok{i}" for i in range(max(0, (vocab_size or base) - base))]
+    tokenizer = word_tokenizer([ANSWER] + fillers)
+    assert vocab_size is None or len(tokenizer) == vocab_size, (len(tokenizer), vocab_size)
+    return tokenizer
+
+
+def save_random_parts(root, vision_shape, lm_shape, tokenizer, dtype_name="float32", device="cpu"):
+    """Random-weight CLIP vision tower and LLaMA from configs, written with save_pretrained so they
+    load like downloaded ones. Returns (vision_dir, lm_dir); an existing complete pair is reused.
+    vision_shape / lm_shape: CLIPVisionConfig / LlamaConfig keywords (the LM's vocab: the tokenizer's)."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel, LlamaConfig, LlamaForCausalLM
+    vision_dir, lm_dir, done = os.path.join(root, "vision"), os.path.join(root, "lm"), os.path.join(root, "COMPLETE")
+    if os.path.exists(done):
+        return vision_dir, lm_dir
+    torch_dtype = getattr(torch, dtype_name)
+    torch.manual_seed(seed)
+    with torch.device(device):   # on the GPU, 7B random inits take seconds instead of minutes
+        tower = CLIPVisionModel(CLIPVisionConfig(**vision_shape)).to(torch_dtype)
+        tower.save_pretrained(vision_dir)
+        del tower
+        lm_config = LlamaConfig(**{"vocab_size": len(tokenizer), **lm_shape}, pad_token_id=tokenizer.pad_token_id,
+                                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+        causal = LlamaForCausalLM(lm_config).to(torch_dtype)
+        causal.save_pretrained(lm_dir)
+        del causal
+    tokenizer.save_pretrained(lm_dir)
+    open(done, "w").close()   # written last: a crash mid-save is not mistaken for a cache
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+    return vision_dir, lm_dir
+
+
+class PhaseTimer:
+    """Seconds per named phase; on CUDA every start and stop waits for the queued kernels."""
+
+    def __init__(self, device):
+        self.cuda = device.type == "cuda"
+        self.seconds = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        if self.cuda:
+            torch.cuda.synchronize()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            if self.cuda:
+                torch.cuda.synchronize()
+            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
+
+    def wrap(self, obj, method, name):
+        """Time every call of obj.method (an instance attribute wrapping the bound method, as FSDP's
+        register_fsdp_forward_method does), so rollout.rollout itself runs unchanged."""
+        original = getattr(obj, method)
+
+        def timed(*args, **kwargs):
+            with self(name):
+                return original(*args, **kwargs)
+        setattr(obj, method, timed)
+
+
+def build_policy(device, rank, world):
+    """The policy as train.py builds it for RL: pretrained parts, LoRA, the reference adapter, moved
+    to the device, FSDP2-sharded under torchrun. Returns (policy, load seconds, parts description)."""
+    from model import ModelConfig, VideoLM
+    from train import barrier, shard
+    start = time.time()
+    vision_dir, lm_dir = vision, lm
+    if not (vision and lm):
+        small = tiny or cpu_smoke
+        lm_shape, vision_shape = (TINY_LM, TINY_VISION) if small else (LLAMA_7B, CLIP_L_336)
+        tag = "tiny" if small else "7b"
+        root = os.path.join(cache_dir or os.path.join(tempfile.gettempdir(), "bench_gpu_parts"), f"{tag}_{dtype}")
+        tokenizer = sized_tokenizer(lm_shape.get("vocab_size"))
+        if rank == 0:
+            save_random_parts(root, vision_shape, lm_shape, tokenizer, dtype, device)
+        barrier()
+        random_vision, random_lm = save_random_parts(root, vision_shape, lm_shape, tokenizer, dtype, device)
+        vision_dir, lm_dir = vision or random_vision, lm or random_lm
+    config = ModelConfig(vision=vision_dir, lm=lm_dir, dtype=dtype, load_in_4bit=load_in_4bit, lora_r=lora_r,
+                         lora_alpha=lora_alpha, gradient_checkpointing=gradient_checkpointing, num_frames=num_frames,
+                         vision_post_layernorm=False, seed=seed)
+    policy = VideoLM(config)
+    policy.snapshot_reference()
+    policy.to(device)
+    if world > 1:
+        shard(policy)
+    return policy, time.time() - start, {"vision": vision_dir, "lm": lm_dir}
+
+
+def rl_step(policy, optimizer, oracle_, samples, frames, generator, timer):
+    """One GRPO_rank step, as train.py's loop body (num_iterations = 1). Returns generated tokens."""
+    from grpo_rank import grpo_rank_loss, rank_advantages
+    from rollout import completion_logprobs, rollout
+    from train import oracle_ranks
+    with timer("rollout"):
+        batch = rollout(policy, samples, frames, num_generations, max_new_tokens, temperature, 1.0, False, generator)
+    with timer("oracle"):
+        oracle_rank, valid, _ = oracle_ranks(oracle_, samples, batch.responses, 8)
+        advantages = torch.zeros(len(samples), num_generations)
+        if valid.any():
+            advantages[valid] = rank_advantages(oracle_rank[valid], batch.seq_logp[valid].cpu())
+        advantages = advantages.to(frames.device).view(-1)
+    with timer("ref_logp"), torch.no_grad():
+        ref_logp = completion_logprobs(policy, batch, reference=True)
+    policy.train()
+    with timer("train_forward"):
+        logp = completion_logprobs(policy, batch)
+        loss, _ = grpo_rank_loss(logp, batch.old_logp, ref_logp, advantages, batch.loss_mask)
+    optimizer.zero_grad(set_to_none=True)
+    with timer("backward"):
+        loss.backward()
+    with timer("optimizer"):
+        torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), 1.0)
+        optimizer.step()
+    if not torch.isfinite(loss):
+        raise RuntimeError(f"non-finite loss {loss.item()} in the benchmark step")
+    return int(batch.completion_mask.sum())
+
+
+def summarize(step_rows, generated, device, load_s, world):
+    """Medians over the timed steps of one process -> a dict of its figures."""
+    median = lambda key: statistics.median(row.get(key, 0.0) for row in step_rows)
+    phases = {name: median(name) for name in ("encode", "generation", "oracle", "ref_logp", "train_forward",
+                                               "backward", "optimizer")}
+    phases["rollout_logp"] = max(0.0, median("rollout") - phases["encode"] - phases["generation"])
+    step_s = median("step")
+    tokens = statistics.median(generated)
+    row = {"step_s": step_s, "phases_s": phases,
+           "split": {"generation": phases["generation"], "oracle": phases["oracle"],
+                     "logprobs": phases["rollout_logp"] + phases["ref_logp"] + phases["train_forward"],
+                     "backward": phases["backward"] + phases["optimizer"], "encode": phases["encode"]},
+           "generated_tokens_per_step": tokens,
+           "generation_tokens_per_s": tokens / max(phases["generation"], 1e-9),
+           "step_tokens_per_s": tokens / max(step_s, 1e-9),
+           "samples_per_s": batch_size * num_generations / max(step_s, 1e-9),
+           "load_s": load_s, "world_size": world}
+    if device.type == "cuda":
+        row["peak_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2 ** 30
+        row["device_name"] = torch.cuda.get_device_name(device)
+    else:
+        row["peak_rss_gib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2 ** 20
+        row["device_name"] = platform.processor() or "cpu"
+    return row
+
+
+def main(argv):
+    from train import configure
+    configure(argv, globals())
+    if tiny or cpu_smoke:   # tiny settings, except those given on the command line
+        given = {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}
+        globals().update({k: v for k, v in TINY_SMOKE.items() if k not in given})
+    elif not torch.cuda.is_available():
+        print("bench_gpu.py: no CUDA device here, nothing to measure (--cpu_smoke=True runs the code path "
+              "on tiny shapes on the CPU)")
+        return None
+    import torch.distributed as dist
+    from oracle import make_oracle
+    from train import setup_distributed
+    rank, world, device = setup_distributed()
+    if cpu_smoke:
+        device = torch.device("cpu")
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    torch.manual_seed(seed)
+    policy, load_s, parts = build_policy(device, rank, world)
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=learning_rate)
+    oracle_ = make_oracle("reference")
+    generator = torch.Generator(device=device).manual_seed(seed + 1000 * rank)
+    size = policy.vision.config.image_size   # random frames at the tower's resolution: no resize, no decoding
+    frames = torch.randint(0, 256, (batch_size, num_frames, size, size, 3), dtype=torch.uint8, device=device)
+    samples = [{"id": f"bench{i}", "question": QUESTION, "answer": ANSWER} for i in range(batch_size)]
+
+    timer = PhaseTimer(device)
+    timer.wrap(policy, "encode_video", "encode")
+    timer.wrap(policy, "generate", "generation")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    rows, generated = [], []
+    for step in range(warmup_steps + steps):
+        timer.seconds = {}
+        with timer("step"):
+            tokens = rl_step(policy, optimizer, oracle_, samples, frames, generator, timer)
+        if step >= warmup_steps:
+            rows.append(dict(timer.seconds))
+            generated.append(tokens)
+    mine = summarize(rows, generated, device, load_s, world)
+
+    ranks = [mine]
+    if dist.is_initialized():
+        ranks = [None] * world
+        dist.all_gather_object(ranks, mine)
+    result = None
+    if rank == 0:
+        step_s = max(r["step_s"] for r in ranks)   # the step ends when the slowest rank does
+        result = {"device": ranks[0]["device_name"], "world_size": world, "step_s": step_s,
+                  "split_s": ranks[0]["split"], "per_rank": ranks, "parts": parts,
+                  "config": {k: globals()[k] for k in ("load_in_4bit", "dtype", "gradient_checkpointing", "lora_r",
+                                                       "batch_size", "num_generations", "max_new_tokens",
+                                                       "num_frames", "steps", "warmup_steps", "tiny", "cpu_smoke")}}
+        if baseline_step_s > 0:
+            result["scaling"] = {"baseline_step_s": baseline_step_s,
+                                 "efficiency": baseline_step_s / step_s,          # ideal 1.0 (same per-GPU batch)
+                                 "throughput_speedup": world * baseline_step_s / step_s}   # ideal world
+        os.makedirs(os.path.dirname(out_json) or ".", exist_ok=True)
+        with open(out_json, "w") as f:
+            json.dump(result, f, indent=2)
+        split = ", ".join(f"{k} {v:.3f}" for k, v in result["split_s"].items())
+        memory = f"{mine['peak_memory_gib']:.1f} GiB peak" if "peak_memory_gib" in mine else f"{mine['peak_rss_gib']:.1f} GiB RSS"
+        print(f"bench_gpu: {world} x {result['device']}: step {step_s:.3f} s ({split}); "
+              f"{mine['generation_tokens_per_s']:.0f} generated tokens/s; {memory}; wrote {out_json}")
+        if "scaling" in result:
+            print(f"bench_gpu: scaling vs {baseline_step_s:.3f} s on 1 GPU: efficiency "
+                  f"{result['scaling']['efficiency']:.2f}, throughput x{result['scaling']['throughput_speedup']:.2f}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
