@@ -305,3 +305,13 @@ def test_torchrun_two_processes_fsdp(synth, tmp_path):
     assert results["before"]["n"] == 16 and results["after"]["n"] == 16
     # the sharded run's checkpoint loads in a single process
     VideoLM.load(os.path.join(out, "ckpt", "model"))
+
+
+def test_only_explicit_runtime_options_override_a_loaded_checkpoint(tmp_path):
+    module = importlib.reload(train)
+    assert module.runtime_overrides(module.configure(["--learning_rate=1e-4"], vars(module))) == {}
+    config = tmp_path / "gpu.py"
+    config.write_text("dtype = 'bfloat16'\nload_in_4bit = True\n")
+    given = module.configure([str(config), "--num_frames=50"], vars(module))
+    assert module.runtime_overrides(given) == {"dtype": "bfloat16", "load_in_4bit": True, "num_frames": 50}
+    importlib.reload(train)

@@ -26,6 +26,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from data import VideoError, load_jsonl, load_video, make_synthetic_dataset
+from eval import evaluate, format_comparison, stack_frames
 from grpo_rank import BOUNDS, DCG_KINDS, METHODS, group_ndcg, grpo_rank_loss, rank_advantages, ranks_from_scores
 from model import ModelConfig, VideoLM
 from oracle import OracleError, extract_choice, make_oracle, normalize_answer, rank_many
@@ -125,14 +126,17 @@ def _parse(key, text, default):
 
 
 def configure(argv, namespace):
-    """Apply config files and --key=value overrides to the module globals in `namespace`."""
+    """Apply config files and --key=value overrides to the module globals in `namespace`.
+    Returns the set of keys that were given (so defaults can be told from explicit choices)."""
     keys = config_keys(namespace)
+    given = set()
 
     def assign(key, value, source):
         if key not in keys:
             close = difflib.get_close_matches(key, keys, n=3)
             raise SystemExit(f"{source}: unknown option {key!r}" + (f"; did you mean {close}?" if close else ""))
         namespace[key] = _parse(key, value, namespace[key]) if isinstance(value, str) and not isinstance(namespace[key], str) else value
+        given.add(key)
 
     for arg in argv:
         if arg.startswith("--"):
@@ -153,6 +157,7 @@ def configure(argv, namespace):
             for key, value in values.items():
                 if not key.startswith("_"):
                     assign(key, value, arg)
+    return given
 
 
 # ----------------------------------------------------------------------------- distributed
@@ -253,11 +258,7 @@ def load_frames(samples, num_frames_):
         except VideoError as err:
             warnings.warn(f"skipping sample {sample['id']}: {err}")
             failed.append(sample)
-    shapes = {tuple(f.shape) for f in frames}
-    if len(shapes) > 1:   # videos of different sizes: crop to the smallest (preprocess resizes anyway)
-        height, width = min(s[1] for s in shapes), min(s[2] for s in shapes)
-        frames = [f[:, :height, :width] for f in frames]
-    return (torch.stack(frames) if frames else None), kept, failed
+    return (stack_frames(frames) if frames else None), kept, failed
 
 
 def oracle_ranks(oracle_, samples, responses, workers):
@@ -307,10 +308,19 @@ def check_options():
         raise SystemExit("--num_iterations and --batch_size must be at least 1")
 
 
-def warm_start(master, train_samples, device):
+RUNTIME_OPTIONS = ("dtype", "load_in_4bit", "gradient_checkpointing", "num_frames")
+
+
+def runtime_overrides(given):
+    """How to run a loaded checkpoint (precision, QLoRA, checkpointing, frames): the options given
+    on the command line or in a config file win over the checkpoint's; defaults do not."""
+    return {key: globals()[key] for key in RUNTIME_OPTIONS if key in given}
+
+
+def warm_start(master, train_samples, device, overrides):
     """The SFT policy RL starts from (the paper starts from VLM-SFT)."""
     if sft_checkpoint:
-        return VideoLM.load(sft_checkpoint)
+        return VideoLM.load(sft_checkpoint, **overrides)
     sft_dir = os.path.join(out_dir, "sft")
     if not os.path.exists(os.path.join(sft_dir, "config.json")):
         if master:
@@ -323,20 +333,19 @@ def warm_start(master, train_samples, device):
             train_sft(policy, train_samples, sft_steps, sft_batch_size, sft_learning_rate, seed=seed)
             policy.save(sft_dir)
         barrier()
-    return VideoLM.load(sft_dir)
+    return VideoLM.load(sft_dir, **overrides)
 
 
 # ----------------------------------------------------------------------------- main
 
 def main(argv):
-    configure(argv, globals())
+    overrides = runtime_overrides(configure(argv, globals()))
     check_options()
     config = {k: globals()[k] for k in config_keys(globals())}
     rank, world, device = setup_distributed()
     master = rank == 0
     torch.set_num_threads(num_threads)
     torch.manual_seed(seed)
-    from eval import evaluate, format_comparison
     timings, start = {}, time.time()
     if master:
         os.makedirs(out_dir, exist_ok=True)
@@ -365,10 +374,10 @@ def main(argv):
         print(f"resume: no checkpoint in {ckpt_dir}, starting fresh")
     tick = time.time()
     if found:
-        policy = VideoLM.load(os.path.join(found, "model"))
+        policy = VideoLM.load(os.path.join(found, "model"), **overrides)
         state = torch.load(os.path.join(found, "train_state.pt"), map_location="cpu", weights_only=False)
     else:
-        policy = warm_start(master, train_samples, device)
+        policy = warm_start(master, train_samples, device, overrides)
         state = None
         if lora_r > 0 and not policy.has_lora:
             policy.add_lora(lora_r, lora_alpha, lora_dropout, lora_target_modules)
