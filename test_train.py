@@ -273,7 +273,7 @@ def test_bad_options_fail_with_clear_messages():
         run_train("--learning_rat=1e-3")
     with pytest.raises(SystemExit, match="--advantage must be one of"):
         run_train("--advantage=ppo")
-    with pytest.raises(SystemExit, match="--max_steps expects a int"):
+    with pytest.raises(SystemExit, match="--max_steps expects a int, got .ten."):
         run_train("--max_steps=ten")
     with pytest.raises(SystemExit, match="config file 'nope.py' not found"):
         run_train("nope.py")
@@ -285,6 +285,9 @@ def test_config_file_and_overrides(tmp_path):
     namespace = {"learning_rate": 1e-3, "advantage": "lambda", "resume": False, "max_steps": 200}
     train.configure([str(config), "--advantage=rank_reward", "--resume=True", "--max_steps=7"], namespace)
     assert namespace == {"learning_rate": 3e-4, "advantage": "rank_reward", "resume": True, "max_steps": 7}
+    config.write_text("max_steps = '10'\n")
+    with pytest.raises(SystemExit, match="cfg.py: max_steps expects a int, got '10'"):
+        train.configure([str(config)], namespace)
 
 
 # ----------------------------------------------------------------------------- torchrun + FSDP2

@@ -105,24 +105,19 @@ def config_keys(namespace):
     return [k for k, v in namespace.items() if not k.startswith("_") and isinstance(v, (bool, int, float, str))]
 
 
-def _parse(key, text, default):
+def _parse(text, default):
+    """A command-line string as the type of the default; ValueError if it is not one."""
     if isinstance(default, bool):
-        if text.lower() in ("1", "true", "yes"):
-            return True
-        if text.lower() in ("0", "false", "no"):
-            return False
-        raise SystemExit(f"--{key} expects True or False, got {text!r}")
+        if text.lower() in ("1", "true", "yes", "0", "false", "no"):
+            return text.lower() in ("1", "true", "yes")
+        raise ValueError
     if isinstance(default, str):
         return text
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
-        raise SystemExit(f"--{key} expects a {type(default).__name__}, got {text!r}") from None
-    if isinstance(default, float) and isinstance(value, int):
-        value = float(value)
-    if type(value) is not type(default):
-        raise SystemExit(f"--{key} expects a {type(default).__name__}, got {text!r}")
-    return value
+        raise ValueError from None
+    return float(value) if isinstance(default, float) and type(value) is int else value
 
 
 def configure(argv, namespace):
@@ -135,7 +130,18 @@ def configure(argv, namespace):
         if key not in keys:
             close = difflib.get_close_matches(key, keys, n=3)
             raise SystemExit(f"{source}: unknown option {key!r}" + (f"; did you mean {close}?" if close else ""))
-        namespace[key] = _parse(key, value, namespace[key]) if isinstance(value, str) and not isinstance(namespace[key], str) else value
+        default, given_as = namespace[key], value
+        where = f"--{key}" if source == "command line" else f"{source}: {key}"
+        if isinstance(value, str) and source == "command line":
+            try:
+                value = _parse(value, default)
+            except ValueError:
+                value = None
+        elif isinstance(default, float) and type(value) is int:
+            value = float(value)
+        if type(value) is not type(default):
+            raise SystemExit(f"{where} expects a {type(default).__name__}, got {given_as!r}")
+        namespace[key] = value
         given.add(key)
 
     for arg in argv:
