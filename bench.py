@@ -1,29 +1,45 @@
 """
-Benchmarks of the three efficiency claims, each as variant A (this project's way) vs variant B
-(the naive way), timed interleaved in one run (rounds alternate A, B, B, A, ...) and reported as
-medians and a ratio.
+Benchmarks of the efficiency claims, each as variant A (this project's way) vs variant B (the naive
+way, or the whole it is a part of), timed interleaved in one run (rounds alternate A, B, B, A, ...)
+and reported as medians and a ratio.
 
-$ python bench.py                       # CPU (CUDA when present): ~3 min on 2 busy cores, most of it ViT-B/16
+$ python bench.py                       # CPU (CUDA when present): ~3-4 min on 2 busy cores, most of it ViT-B/16
 $ python bench.py --quick=True          # one round per figure (~1 min)
 $ python bench.py --repeats=5 --num_threads=2
+$ python bench.py --only=oracle,step,loader      # some sections only (rollout,logprobs,decode,oracle,step,loader)
 
-1. Rollouts, G = 4, 8, 16 responses for each of B = 4 prompts, max_new_tokens = 8:
+1. Rollouts ("rollout"), G = 4, 8, 16 responses for each of B = 4 prompts, max_new_tokens = 8:
    a. encode each video once + one batched, KV-cached generate (rollout.py) vs re-encoding the video
       for every sample (a per-sample trainer: for each of the B*G samples, encode_video on that one
       video, then generate 1 sample);
    b. the KV-cached generate vs a loop that re-runs the full forward over [prompt + generated so far]
       for every new token (`generate_no_cache` below).
-   Both at the tiny default and at a CLIP ViT-B/16 vision tower (random init).
-2. Sequence log-probs: chunked logit - logsumexp (rollout.token_logprobs) vs a full-vocab float32
-   log_softmax + gather over bf16 logits (N=16, L=512, vocab 32000): peak memory above the logits, time.
-3. Video decode: decord vs PyAV on a short synthetic clip and a longer 320x240 video.
+   Both at the tiny default and at a CLIP ViT-B/16 vision tower (random init; --realistic=False skips it).
+2. Sequence log-probs ("logprobs"): chunked logit - logsumexp (rollout.token_logprobs) vs a full-vocab
+   float32 log_softmax + gather over bf16 logits (N=16, L=512, vocab 32000): peak memory above the logits, time.
+3. Video decode ("decode"): decord vs PyAV on a short synthetic clip and a longer 320x240 video.
+4. Oracle throughput ("oracle"): oracle.JudgeOracle against a local fake judge (an OpenAI-style
+   /v1/chat/completions server on 127.0.0.1, started and stopped here, answering after judge_latency
+   seconds), B = 16 groups of G = 8 distinct responses: oracle.rank_many with max_workers=1 vs 8.
+5. One RL step of the main job's default config ("step"): train.py's loop body (load_frames, rollout,
+   oracle_ranks, rank_advantages, the reference pass, mu = 2 iterations of forward + loss, backward,
+   clip + AdamW step, the step's metrics), on the tiny policy from out/sft (or a fresh one) + LoRA,
+   B = 16 prompts of the synthetic train set, G = 8; each phase as a share of the step, and samples/s.
+   Runs at train.py's 2 torch threads (step_threads); on a busy 2-core machine 2 threads can be many
+   times slower than 1 (see num_threads), so compare --step_threads=1 there.
+6. Data loading ("loader"): decode (train.load_frames) + policy.preprocess of one batch of 16 videos
+   vs the RL step, timed in the same steps as 5 (so "loader" alone runs the steps of 5 too).
 
 Prints a table and writes results/bench.json. Targets are reported (ok / BELOW TARGET), never asserted.
 """
+import contextlib
+import http.server
 import json
 import os
 import platform
+import re
 import resource
+import threading
 import statistics
 import subprocess
 import sys
@@ -33,9 +49,14 @@ import time
 import numpy as np
 import torch
 
-from data import HAVE_DECORD, _write_mp4, load_video, make_synthetic_video
+import oracle
+import rollout as rollout_lib
+import train
+from data import HAVE_DECORD, _write_mp4, load_jsonl, load_video, make_synthetic_dataset, make_synthetic_video
+from grpo_rank import group_ndcg, grpo_rank_loss, rank_advantages, ranks_from_scores
 from model import ModelConfig, VideoLM, positions, sample_token
-from rollout import token_logprobs
+from rollout import completion_logprobs, token_logprobs
+from sft import cosine_lr
 
 # -----------------------------------------------------------------------------
 repeats = 3                  # timed rounds per figure; each figure reports the median round
@@ -61,6 +82,21 @@ lp_chunk_tokens = "1024"     # token_logprobs' chunk_tokens to measure; 1024 is 
 long_frames = 300
 long_width, long_height = 320, 240
 long_sample = 50             # frames sampled from the long video (the paper: 50)
+# 4. Oracle (judge) throughput
+judge_latency = 0.05         # seconds the fake judge waits before each reply (a real judge LLM: usually longer)
+judge_groups = 16            # B groups per rank_many call
+judge_group_size = 8         # G responses per group, all distinct (nothing deduplicated)
+judge_workers = 8            # the concurrent variant's max_workers (train.py's oracle_workers)
+# 5. one RL step (train.py's main loop) and 6. data loading
+step_count = 7               # timed steps after one untimed warm-up step (--quick: 3); figures are medians
+step_sft_dir = "out/sft"     # the warm start train.py uses (out_dir/sft); a fresh VideoLM(ModelConfig()) if absent
+step_batch_size = 16         # B prompts        } train.py's defaults; everything else of the step is
+step_group_size = 8          # G                } read from train.py's globals (oracle, lora_r, lr, ...)
+step_max_new_tokens = 8
+step_iterations = 2          # mu
+step_beta = 0.04
+step_threads = 2             # torch threads for 5 and 6, as train.py's num_threads
+only = ""                    # comma list of sections to run: rollout,logprobs,decode,oracle,step,loader; empty: all
 # -----------------------------------------------------------------------------
 
 
@@ -106,17 +142,19 @@ def interleaved(variants, rounds):
     return times
 
 
-def figure(name, a, b, a_raw, b_raw, unit="s", better="lower", target=None, note=""):
+def figure(name, a, b, a_raw, b_raw, unit="s", better="lower", target=None, note="", share=False):
     """One row. The ratio is always 'how much better A is': B/A for times, A/B for memory
-    (so a memory ratio below 1 is a saving); target is (">=", x) or ("<=", x)."""
+    (so a memory ratio below 1 is a saving); target is (">=", x) or ("<=", x).
+    share=True: A is a part of B (a phase of a step), the ratio is A/B, printed as a percentage."""
     a_med, b_med = statistics.median(a_raw), statistics.median(b_raw)
-    ratio = b_med / a_med if unit == "s" else a_med / b_med
+    ratio = b_med / a_med if unit == "s" and not share else a_med / b_med
     status = ""
     if target is not None:
         op, value = target
         status = "ok" if (ratio >= value if op == ">=" else ratio <= value) else "BELOW TARGET"
     return {"figure": name, "a": a, "b": b, "unit": unit, "a_median": a_med, "b_median": b_med,
-            "a_raw": a_raw, "b_raw": b_raw, "ratio": ratio, "ratio_is": "B/A" if unit == "s" else "A/B",
+            "a_raw": a_raw, "b_raw": b_raw, "ratio": ratio,
+            "ratio_is": "share A/B" if share else "B/A" if unit == "s" else "A/B",
             "target": f"{target[0]} {target[1]}x" if target else "", "status": status, "note": note}
 
 
@@ -427,11 +465,321 @@ def decode_figures(rounds):
     return rows
 
 
+# ----------------------------------------------------------------------------- 4. Oracle throughput
+
+class FakeJudgeServer(http.server.ThreadingHTTPServer):
+    """A stand-in judge LLM: POST /v1/chat/completions -> an OpenAI-style chat completion whose
+    content is {"ranking": [...]}, the "[k]" ids of the prompt's candidate lines (JudgeOracle's
+    rank_prompt), in reverse, after `latency` seconds (the judge's thinking time). One thread per
+    request, as a real server serves requests concurrently."""
+    daemon_threads = True
+    request_queue_size = 64          # > max_workers: no refused connects (a refused one retries after 1 s)
+
+    def __init__(self, latency):
+        super().__init__(("127.0.0.1", 0), FakeJudgeHandler)
+        self.latency, self.requests, self.lock = latency, 0, threading.Lock()
+
+    @property
+    def base_url(self):
+        return f"http://127.0.0.1:{self.server_address[1]}/v1"
+
+
+class FakeJudgeHandler(http.server.BaseHTTPRequestHandler):
+    def do_POST(self):
+        body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
+        prompt = body["messages"][-1]["content"]
+        ids = [int(k) for k in re.findall(r"^\[(\d+)\] ", prompt, flags=re.M)]
+        time.sleep(self.server.latency)
+        reply = json.dumps({
+            "id": f"chatcmpl-bench-{self.server.requests}", "object": "chat.completion",
+            "created": int(time.time()), "model": body.get("model"),
+            "choices": [{"index": 0, "finish_reason": "stop",
+                         "message": {"role": "assistant", "content": json.dumps({"ranking": ids[::-1]})}}],
+            "usage": {"prompt_tokens": len(prompt.split()), "completion_tokens": 2 * len(ids), "total_tokens": 0},
+        }).encode()
+        self.send_response(200)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(reply)))
+        self.end_headers()
+        self.wfile.write(reply)
+        with self.server.lock:
+            self.server.requests += 1
+
+    def log_message(self, *args):
+        pass
+
+
+@contextlib.contextmanager
+def fake_judge(latency):
+    """A FakeJudgeServer on a free loopback port for the duration of the block."""
+    if any(os.environ.get(k) for k in ("http_proxy", "HTTP_PROXY", "all_proxy", "ALL_PROXY")):
+        os.environ["no_proxy"] = ",".join(filter(None, [os.environ.get("no_proxy"), "127.0.0.1"]))
+    server = FakeJudgeServer(latency)
+    thread = threading.Thread(target=server.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+def train_set():
+    """The main job's synthetic train split (made once by train.py; cached in train.data_dir)."""
+    return load_jsonl(make_synthetic_dataset(train.data_dir, num_train=train.num_train, num_eval=train.num_eval)["train"])
+
+
+def judge_groups_of(count, group_size):
+    """count samples of the synthetic train set and group_size distinct responses for each."""
+    samples = train_set()[:count]
+    words = ["red", "blue", "green", "yellow", "two", "three", "left", "right", "the circle", "a square"]
+    groups = [[f"{words[(b + i) % len(words)]} {i}" for i in range(group_size)] for b in range(count)]
+    return samples, groups
+
+
+def oracle_figures(rounds):
+    samples, groups = judge_groups_of(judge_groups, judge_group_size)
+    with fake_judge(judge_latency) as server:
+        judge = oracle.JudgeOracle(base_url=server.base_url, model="fake-judge", api_key_env="", seed=seed)
+        oracle.rank_many(judge, samples[:2], groups[:2], max_workers=2)          # warm-up
+        server.requests, results = 0, []
+        check = lambda workers: results.append(oracle.rank_many(judge, samples, groups, max_workers=workers))
+        rounds_ = 3 if quick else max(rounds, 5)     # a round is ~1 s: more rounds, steadier medians
+        times = interleaved({"concurrent": lambda: check(judge_workers), "sequential": lambda: check(1)}, rounds_)
+        requests = server.requests
+    valid = all(isinstance(ranks, list) and sorted(ranks) == list(range(judge_group_size))
+                for result in results for ranks in result)
+    ideal = min(judge_workers, judge_groups)
+    note = (f"B={judge_groups} groups of G={judge_group_size} distinct responses, fake judge on 127.0.0.1 "
+            f"answering after {judge_latency * 1000:.0f} ms; oracle.rank_many (as train.oracle_ranks calls it); "
+            f"{requests} requests for {len(results)} calls ({len(results) * judge_groups} expected), every "
+            f"ranking a valid permutation: {valid}; ideal ratio ~{ideal}x (B / max_workers waves of one "
+            f"latency each); {rounds_} rounds")
+    return [figure(f"oracle judge B={judge_groups} G={judge_group_size}: {judge_workers} workers vs 1",
+                   f"rank_many max_workers={judge_workers}", "rank_many max_workers=1",
+                   times["concurrent"], times["sequential"], note=note)]
+
+
+# ----------------------------------------------------------------------------- 5. one RL step, 6. loading
+
+class Phases:
+    """Wall time per named phase of one step; a phase may be entered many times (summed)."""
+
+    def __init__(self):
+        self.times = {}
+
+    @contextlib.contextmanager
+    def __call__(self, name):
+        sync()
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            sync()
+            self.times[name] = self.times.get(name, 0.0) + time.perf_counter() - start
+
+    def wrap(self, name, fn):
+        def timed_fn(*args, **kwargs):
+            with self(name):
+                return fn(*args, **kwargs)
+        return timed_fn
+
+
+def step_policy():
+    """The policy train.py trains: the SFT warm start (out/sft) + LoRA + the reference snapshot."""
+    if os.path.exists(os.path.join(step_sft_dir, "config.json")):
+        policy, source = VideoLM.load(step_sft_dir), f"SFT checkpoint {step_sft_dir}"
+    else:
+        policy, source = VideoLM(ModelConfig()), f"fresh VideoLM(ModelConfig()) (no SFT checkpoint at {step_sft_dir})"
+    if train.lora_r > 0 and not policy.has_lora:
+        policy.add_lora(train.lora_r, train.lora_alpha, train.lora_dropout, train.lora_target_modules)
+    policy.snapshot_reference()
+    return policy.to(DEVICE), source
+
+
+# the phases of one step, in train.py's order: (key, label); "rollout" is split into its parts
+STEP_PHASES = [("data", "load_frames (decode 16 videos)"), ("encode", "rollout: policy.encode_video"),
+               ("generate", "rollout: policy.generate"), ("score", "log-probs: rollout scoring pass"),
+               ("rollout_rest", "rollout: prompts, decode, ties"), ("oracle", "train.oracle_ranks"),
+               ("advantages", "rank_advantages"), ("reference", "log-probs: reference pass"),
+               ("forward", "train forward + loss (x mu)"), ("backward", "backward (x mu)"),
+               ("optimizer", "zero_grad, clip, AdamW step (x mu)"), ("metrics", "step metrics"),
+               ("other", "other (unaccounted)")]
+
+
+def measure_steps(steps):
+    """Runs 1 + steps RL steps exactly as train.py's main loop does (single process) and times each
+    phase of each step; after each step (outside it) also times policy.preprocess of its frames.
+    -> dict of per-step lists (seconds) keyed by STEP_PHASES keys + "step", "preprocess"; and info."""
+    load_avg = os.getloadavg()[0]                        # before this section adds its own load
+    torch.set_num_threads(step_threads)
+    torch.manual_seed(train.seed)
+    try:
+        train_samples = train_set()
+        policy, source = step_policy()
+        optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=train.learning_rate,
+                                      weight_decay=train.weight_decay)
+        oracle_ = train.build_oracle()
+        generator = torch.Generator(device=DEVICE).manual_seed(train.seed)
+        ph = Phases()
+        policy.encode_video = ph.wrap("encode", policy.encode_video)     # instance attributes: rollout()
+        policy.generate = ph.wrap("generate", policy.generate)           # calls these wrappers
+        order = torch.randperm(len(train_samples), generator=torch.Generator().manual_seed(train.seed))
+        total_steps = max(1, len(train_samples) // step_batch_size) * train.epochs
+        record = {key: [] for key, _ in STEP_PHASES}
+        record.update(step=[], preprocess=[])
+        lengths, failures_seen = [], 0
+        for step in range(1 + steps):
+            start = (step * step_batch_size) % (len(train_samples) - step_batch_size + 1)
+            samples = [train_samples[i] for i in order[start:start + step_batch_size].tolist()]
+            ph.times = {}
+            sync()
+            step_start = time.perf_counter()
+
+            with ph("data"):
+                frames, samples, failed = train.load_frames(samples, policy.config.num_frames)
+            with ph("rollout"):
+                scoring, rollout_lib.completion_logprobs = rollout_lib.completion_logprobs, ph.wrap("score", completion_logprobs)
+                try:
+                    batch = rollout_lib.rollout(policy, samples, frames.to(DEVICE), step_group_size, step_max_new_tokens,
+                                                train.temperature, train.top_p, train.mask_truncated_completions, generator)
+                finally:
+                    rollout_lib.completion_logprobs = scoring
+            with ph("oracle"):
+                oracle_rank, valid, failures = train.oracle_ranks(oracle_, samples, batch.responses, train.oracle_workers)
+            with ph("advantages"):
+                advantages = torch.zeros(len(samples), step_group_size)
+                if valid.any():
+                    advantages[valid] = rank_advantages(oracle_rank[valid], batch.seq_logp[valid].cpu(),
+                                                        train.advantage, train.dcg_kind, train.bound)
+                advantages = advantages.to(DEVICE).view(-1)
+            with ph("reference"):
+                ref_logp = None
+                if step_beta != 0 or train.ratio_policy == "reference":
+                    with torch.no_grad():
+                        ref_logp = completion_logprobs(policy, batch, reference=True)
+                old_logp = batch.old_logp if train.ratio_policy == "rollout" else ref_logp
+            with ph("optimizer"):
+                lr = cosine_lr(step, total_steps, train.warmup_steps, train.learning_rate)
+                for group in optimizer.param_groups:
+                    group["lr"] = lr
+                policy.train()
+            losses = []
+            for _ in range(step_iterations):
+                with ph("forward"):
+                    logp = completion_logprobs(policy, batch, with_entropy=train.entropy_coef != 0)
+                    logp, entropy = logp if isinstance(logp, tuple) else (logp, None)
+                    loss, stats = grpo_rank_loss(logp, old_logp, ref_logp if step_beta != 0 else None, advantages,
+                                                 batch.loss_mask, train.epsilon, train.epsilon_high or None, step_beta,
+                                                 entropy, train.entropy_coef, train.loss_agg)
+                    finite = bool(torch.isfinite(loss))
+                if not finite:
+                    break
+                with ph("optimizer"):
+                    optimizer.zero_grad(set_to_none=True)
+                with ph("backward"):
+                    loss.backward()
+                with ph("optimizer"):
+                    grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), train.grad_clip)
+                    if torch.isfinite(grad_norm):
+                        optimizer.step()
+                    losses.append(loss.item())
+            with ph("metrics"):   # what train.py computes for its metrics line
+                ndcg = group_ndcg(ranks_from_scores(batch.seq_logp.cpu()), oracle_rank, train.dcg_kind)
+                correct = [float(train.sample_correct(s, r)) for s, group in zip(samples, batch.responses) for r in group]
+                _ = [ndcg.mean().item(), advantages.abs().mean().item(), sum(correct) / len(correct),
+                     (batch.entropy * batch.completion_mask).sum().item(), batch.truncated.float().mean().item()]
+                lengths.append(batch.completion_mask.sum(-1).float().mean().item())
+
+            sync()
+            total = time.perf_counter() - step_start
+            preprocess = timed(lambda: policy.preprocess(frames.to(DEVICE)))   # outside the step: figure 6
+            if step == 0:
+                continue                                                        # warm-up
+            failures_seen += len(failures) + len(failed)
+            t = ph.times
+            t["rollout_rest"] = t["rollout"] - t.get("encode", 0) - t.get("generate", 0) - t.get("score", 0)
+            t["other"] = total - sum(t.get(key, 0.0) for key in
+                                     ("data", "rollout", "oracle", "advantages", "reference", "forward", "backward",
+                                      "optimizer", "metrics"))
+            for key, _ in STEP_PHASES:
+                record[key].append(t.get(key, 0.0))
+            record["step"].append(total)
+            record["preprocess"].append(preprocess)
+        info = {"source": source, "oracle": repr(oracle_), "threads": torch.get_num_threads(), "load_avg": load_avg,
+                "mean_length": statistics.mean(lengths[1:]), "failures": failures_seen,
+                "trainable": sum(p.numel() for p in policy.trainable_parameters())}
+        return record, info
+    finally:
+        torch.set_num_threads(num_threads)
+
+
+_steps_cache = {}
+
+
+def step_measurements(rounds):
+    """measure_steps once per run, shared by the step and loader sections."""
+    if "result" not in _steps_cache:
+        _steps_cache["result"] = measure_steps(3 if quick else max(step_count, rounds))
+    return _steps_cache["result"]
+
+
+def step_figures(rounds):
+    record, info = step_measurements(rounds)
+    samples = step_batch_size * step_group_size
+    step_med = statistics.median(record["step"])
+    summary = (f"one RL step of train.py's default config: {info['source']} + LoRA r={train.lora_r} "
+               f"(+ 'ref' adapter), B={step_batch_size} prompts x G={step_group_size} = {samples} samples, "
+               f"max_new_tokens={step_max_new_tokens} (mean generated {info['mean_length']:.1f}), "
+               f"mu={step_iterations}, beta={step_beta}, oracle {info['oracle']} ({train.oracle_workers} workers), "
+               f"{info['threads']} torch thread(s) (step_threads; train.py's num_threads is {train.num_threads}, the other "
+               f"sections use {num_threads}); "
+               f"median of {len(record['step'])} steps after 1 warm-up: step {show(step_med, 's')} = "
+               f"{samples / step_med:.0f} samples/s (steps {show(min(record['step']), 's')} .. "
+               f"{show(max(record['step']), 's')}); phase medians need not add up to 100%; timings vary with machine "
+               f"load (load avg {info['load_avg']:.2f} on {os.cpu_count()} CPUs before the steps); "
+               f"oracle/decode failures: {info['failures']}")
+    if step_threads > 1 and info["load_avg"] > (os.cpu_count() or 1) - 1:
+        summary += (f". WARNING: busy machine and {step_threads} torch threads: every OpenMP region can wait a "
+                    f"scheduler slice for a descheduled thread (see num_threads above), which inflates the many-op "
+                    f"phases (backward, forward) most; compare --step_threads=1")
+    rows = []
+    for key, label in STEP_PHASES:
+        rows.append(figure(f"RL step: {label}", label, "whole RL step", record[key], record["step"], share=True,
+                           note=summary if not rows else ""))
+    rows[0]["samples_per_s"] = samples / step_med
+    return rows
+
+
+def loader_figures(rounds):
+    record, info = step_measurements(rounds)
+    load = [d + p for d, p in zip(record["data"], record["preprocess"])]
+    share = statistics.median(record["data"]) / statistics.median(record["step"])
+    note = (f"A: train.load_frames + policy.preprocess of one batch of {step_batch_size} videos "
+            f"({policy_frames_note()}), timed in the same steps as the RL step figures; B: the whole step "
+            f"(which includes load_frames: train.py decodes synchronously, {share:.1%} of the step). "
+            f"ratio > 1: a background loader would keep up with training, the loader is not the bottleneck")
+    return [figure(f"loader: decode+preprocess B={step_batch_size} vs RL step", "load_frames + preprocess",
+                   "whole RL step", load, record["step"], note=note)]
+
+
+def policy_frames_note():
+    meta = os.path.join(train.data_dir, "meta.json")
+    try:
+        with open(meta) as f:
+            m = json.load(f)
+        return f"synthetic mp4s, {m['num_frames']} frames {m['size']}x{m['size']}, {train.num_frames} sampled"
+    except (OSError, ValueError, KeyError):
+        return f"{train.num_frames} frames sampled"
+
+
 # ----------------------------------------------------------------------------- report
 
 def machine():
     info = {"cpu_count": os.cpu_count(), "torch": torch.__version__, "python": platform.python_version(),
-            "device": DEVICE, "num_threads": torch.get_num_threads(), "load_avg_start": os.getloadavg()}
+            "device": DEVICE, "num_threads": torch.get_num_threads(), "load_avg_start": os.getloadavg(),
+            "date": time.strftime("%Y-%m-%dT%H:%M:%S")}
     try:
         with open("/proc/cpuinfo") as f:
             info["cpu"] = next(l.split(":", 1)[1].strip() for l in f if l.startswith("model name"))
@@ -450,7 +798,8 @@ def show(value, unit):
 def print_table(rows, info):
     header = ["figure", "variant A", "A", "variant B", "B", "ratio", "target", "status"]
     lines = [[r["figure"], r["a"], show(r["a_median"], r["unit"]), r["b"], show(r["b_median"], r["unit"]),
-              f"{r['ratio']:.2f}x ({r['ratio_is']})", r["target"], r["status"]] for r in rows]
+              f"{r['ratio']:.1%} of B" if r["ratio_is"] == "share A/B" else f"{r['ratio']:.2f}x ({r['ratio_is']})",
+              r["target"], r["status"]] for r in rows]
     widths = [max(len(str(x)) for x in col) for col in zip(header, *lines)]
     fmt = lambda cells: " | ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip()
     print(fmt(header))
@@ -464,35 +813,87 @@ def print_table(rows, info):
     print(f"\nmachine: {info['device_name']} ({info['device']}), {info['cpu_count']} CPUs, "
           f"torch {info['torch']}, {info['num_threads']} torch thread(s), load avg {info['load_avg_start'][0]:.2f} "
           f"at start / {info['load_avg_end'][0]:.2f} at end, {info['wall_s']:.0f} s")
-    print("A, B: medians over rounds; ratio: how many times better A is (B/A for time, A/B for memory)")
+    print("A, B: medians over rounds; ratio: how many times better A is (B/A for time, A/B for memory); "
+          "'% of B': the median of a part as a share of the median whole")
+
+
+SECTIONS = ("rollout", "logprobs", "decode", "oracle", "step", "loader")
 
 
 def main():
     global repeats
     if quick:
         repeats = 1
+    sections = [name.strip() for name in only.split(",") if name.strip()] or list(SECTIONS)
+    unknown = [name for name in sections if name not in SECTIONS]
+    if unknown:
+        raise SystemExit(f"--only: unknown section(s) {unknown}; valid: {','.join(SECTIONS)}")
     torch.set_num_threads(num_threads)
     torch.manual_seed(seed)
     start = time.perf_counter()
     info = machine()
-    print(f"bench on {DEVICE} ({info['device_name']}), {repeats} round(s) per figure")
+    print(f"bench on {DEVICE} ({info['device_name']}), {repeats} round(s) per figure; sections: {','.join(sections)}")
     rows = []
-    for kind in ["tiny"] + (["vit_b16"] if realistic else []):
-        print(f"rollouts: {kind} ...", flush=True)
-        rows += rollout_figures(kind, repeats)
-    print("sequence log-probs ...", flush=True)
-    rows += logprob_figures(repeats)
-    print("video decode ...", flush=True)
-    rows += decode_figures(repeats)
+    if "rollout" in sections:
+        for kind in ["tiny"] + (["vit_b16"] if realistic else []):
+            print(f"rollouts: {kind} ...", flush=True)
+            rows += rollout_figures(kind, repeats)
+    if "logprobs" in sections:
+        print("sequence log-probs ...", flush=True)
+        rows += logprob_figures(repeats)
+    if "decode" in sections:
+        print("video decode ...", flush=True)
+        rows += decode_figures(repeats)
+    if "oracle" in sections:
+        print("oracle (fake judge) ...", flush=True)
+        rows += oracle_figures(repeats)
+    if "step" in sections or "loader" in sections:
+        print("RL step ...", flush=True)
+    if "step" in sections:
+        rows += step_figures(repeats)
+    if "loader" in sections:
+        rows += loader_figures(repeats)
     info["load_avg_end"], info["wall_s"] = os.getloadavg(), time.perf_counter() - start
     print()
     print_table(rows, info)
     os.makedirs(os.path.dirname(out_json) or ".", exist_ok=True)
     config = {k: v for k, v in globals().items() if not k.startswith("_") and k.islower()
               and isinstance(v, (bool, int, float, str)) and k != "DEVICE"}
+    for row in rows:
+        row["run"] = info["date"]
+    result = {"machine": info, "config": config, "sections": sections, "figures": rows}
+    kept, runs = keep_previous(sections)
+    if kept:   # a partial run replaces only its own sections' figures in an existing out_json
+        result["figures"] = kept + rows
+        result["other_runs"] = runs   # machine and config of the runs the kept figures came from, by "run"
     with open(out_json, "w") as f:
-        json.dump({"machine": info, "config": config, "figures": rows}, f, indent=2)
-    print(f"wrote {out_json}")
+        json.dump(result, f, indent=2)
+    print(f"wrote {out_json}" + (f" (kept {len(kept)} figures of other sections from earlier runs)" if kept else ""))
+
+
+def section_of(row):
+    """Which section a figure row belongs to (rows of older files carry no tag)."""
+    prefixes = {"rollout ": "rollout", "generate ": "rollout", "seq log-probs": "logprobs", "decode ": "decode",
+                "oracle ": "oracle", "RL step:": "step", "loader:": "loader"}
+    return next((sec for prefix, sec in prefixes.items() if row["figure"].startswith(prefix)), None)
+
+
+def keep_previous(sections):
+    """For a partial run (--only): out_json's figures of the sections not run now, and
+    {run: {"machine", "config"}} of the runs they came from; ([], {}) otherwise."""
+    if set(sections) == set(SECTIONS) or not os.path.exists(out_json):
+        return [], {}
+    try:
+        with open(out_json) as f:
+            previous = json.load(f)
+        runs = {previous["machine"].get("date", "previous"): {"machine": previous["machine"],
+                                                              "config": previous["config"]}}
+        runs.update(previous.get("other_runs", {}))
+        figures = [dict(r, run=r.get("run", next(iter(runs)))) for r in previous["figures"]
+                   if section_of(r) not in sections]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return [], {}
+    return figures, {run: runs[run] for run in {r["run"] for r in figures} if run in runs}
 
 
 if __name__ == "__main__":

@@ -275,7 +275,11 @@ def oracle_ranks(oracle_, samples, responses, workers):
     oracle_rank = torch.zeros(len(samples), group_size, dtype=torch.long)
     valid = torch.zeros(len(samples), dtype=torch.bool)
     failures = []
-    for b, result in enumerate(rank_many(oracle_, samples, responses, max_workers=workers)):
+    if hasattr(oracle_, "rank_many"):   # the Oracle's own: a judge numbers its shuffles in input order,
+        results = oracle_.rank_many(samples, responses, max_workers=workers)   # a local RM runs in one thread
+    else:
+        results = rank_many(oracle_, samples, responses, max_workers=workers)
+    for b, result in enumerate(results):
         if isinstance(result, OracleError):
             failures.append(f"oracle failed on sample {samples[b]['id']}: {result}")
         elif (not isinstance(result, (list, tuple)) or len(result) != group_size
