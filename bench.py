@@ -96,7 +96,8 @@ step_max_new_tokens = 8
 step_iterations = 2          # mu
 step_beta = 0.04
 step_threads = 2             # torch threads for 5 and 6, as train.py's num_threads
-only = ""                    # comma list of sections to run: rollout,logprobs,decode,oracle,step,loader; empty: all
+only = ""                    # comma list of sections to run: rollout,logprobs,decode,oracle,step,loader,prefix; empty: all
+step_share_prefix = False    # the step section with ModelConfig.share_prefix (see the prefix section)
 # -----------------------------------------------------------------------------
 
 
@@ -595,6 +596,9 @@ def step_policy():
     if train.lora_r > 0 and not policy.has_lora:
         policy.add_lora(train.lora_r, train.lora_alpha, train.lora_dropout, train.lora_target_modules)
     policy.snapshot_reference()
+    policy.config.share_prefix = step_share_prefix
+    if step_share_prefix:
+        source += ", share_prefix=True"
     return policy.to(DEVICE), source
 
 
@@ -817,7 +821,38 @@ def print_table(rows, info):
           "'% of B': the median of a part as a share of the median whole")
 
 
-SECTIONS = ("rollout", "logprobs", "decode", "oracle", "step", "loader")
+SECTIONS = ("rollout", "logprobs", "decode", "oracle", "step", "loader", "prefix")
+
+
+def prefix_figures(rounds):
+    """Scoring a rollout's completions, forward + backward as in a training pass: the full pass
+    (each of the B*G rows runs [visual, prompt, completion]) vs share_prefix (the [visual, prompt]
+    prefix once per prompt, its KV cache repeated for the G completions). Same policy, same tokens."""
+    torch.set_num_threads(step_threads)
+    torch.manual_seed(train.seed)
+    policy, source = step_policy()
+    samples = train_set()[:step_batch_size]
+    frames, samples, _ = train.load_frames(samples, policy.config.num_frames)
+    features = policy.encode_video(frames.to(DEVICE))
+    prompt_ids, prompt_mask = policy.encode_prompts(samples)
+    ids, mask, _ = policy.generate(features, prompt_ids, prompt_mask, group_size=step_group_size,
+                                   max_new_tokens=step_max_new_tokens, generator=torch.Generator(DEVICE).manual_seed(0))
+
+    def scoring(share):
+        def run():
+            policy.config.share_prefix = share
+            policy.zero_grad(set_to_none=True)
+            logits = policy.completion_logits(features, prompt_ids, prompt_mask, ids, mask, group_size=step_group_size)
+            (token_logprobs(logits, ids) * mask).sum().backward()
+        return run
+    times = interleaved({"full": scoring(False), "shared": scoring(True)}, max(rounds, 5))
+    policy.config.share_prefix = step_share_prefix
+    torch.set_num_threads(num_threads)
+    note = (f"{source}; B={step_batch_size} prompts x G={step_group_size}, prefix {features.shape[1]} visual + "
+            f"{prompt_ids.shape[1]} prompt tokens, completions {ids.shape[1]} tokens (mean {mask.sum(-1).float().mean():.1f}); "
+            f"forward + backward of the log-probs; {step_threads} torch thread(s)")
+    return [figure(f"prefix: score B={step_batch_size} G={step_group_size}, shared prefix vs full", "share_prefix=True",
+                   "full pass per row", times["shared"], times["full"], note=note)]
 
 
 def main():
@@ -853,6 +888,9 @@ def main():
         rows += step_figures(repeats)
     if "loader" in sections:
         rows += loader_figures(repeats)
+    if "prefix" in sections:
+        print("shared-prefix scoring ...", flush=True)
+        rows += prefix_figures(repeats)
     info["load_avg_end"], info["wall_s"] = os.getloadavg(), time.perf_counter() - start
     print()
     print_table(rows, info)
@@ -874,7 +912,7 @@ def main():
 def section_of(row):
     """Which section a figure row belongs to (rows of older files carry no tag)."""
     prefixes = {"rollout ": "rollout", "generate ": "rollout", "seq log-probs": "logprobs", "decode ": "decode",
-                "oracle ": "oracle", "RL step:": "step", "loader:": "loader"}
+                "oracle ": "oracle", "RL step:": "step", "loader:": "loader", "prefix:": "prefix"}
     return next((sec for prefix, sec in prefixes.items() if row["figure"].startswith(prefix)), None)
 
 

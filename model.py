@@ -49,6 +49,7 @@ class ModelConfig:
     load_in_4bit: bool = False    # QLoRA: NF4 base weights, needs CUDA
     dtype: str = "float32"        # "bfloat16" for real models on GPU
     gradient_checkpointing: bool = False
+    share_prefix: bool = False    # score a group's G completions on one cached pass over their shared prompt
     # the tiny default: sized so the whole main job fits minutes on 2 CPU cores
     tiny_image_size: int = 32
     tiny_patch_size: int = 8
@@ -333,6 +334,8 @@ class VideoLM(nn.Module):
         context = self.reference() if reference else contextlib.nullcontext((self.lm, self.projector))
         with context as (lm, projector):
             embeds, mask = self.prompt_embeddings(features, prompt_ids, prompt_mask, lm, projector)
+            if self.config.share_prefix and group_size > 1 and not self.config.gradient_checkpointing:
+                return self._shared_prefix_logits(lm, embeds, mask, completion_ids, completion_mask, group_size)
             embeds, mask = embeds.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
             embeds = torch.cat([embeds, lm.get_input_embeddings()(completion_ids)], 1)
             mask = torch.cat([mask, completion_mask.to(mask.dtype)], 1)
@@ -341,6 +344,22 @@ class VideoLM(nn.Module):
             out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask),
                      logits_to_keep=predicting, use_cache=False)
             return out.logits
+
+    def _shared_prefix_logits(self, lm, embeds, mask, completion_ids, completion_mask, group_size):
+        """The same logits, with the [visual, prompt] prefix run once per prompt instead of once
+        per completion: its KV cache (gradients flow through it) is repeated for the G completions,
+        which then run alone. embeds: (B, P', D), mask: (B, P') -> (B*G, L, vocab)."""
+        out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask),
+                 logits_to_keep=1, use_cache=True)
+        first = out.logits.repeat_interleave(group_size, 0)             # predicts completion token 0
+        if completion_ids.shape[1] == 1:
+            return first
+        out.cache.batch_repeat_interleave(group_size)
+        full_mask = torch.cat([mask.repeat_interleave(group_size, 0), completion_mask.to(mask.dtype)], 1)
+        prefix = mask.shape[1]
+        rest = lm(input_ids=completion_ids[:, :-1], attention_mask=full_mask[:, :-1],
+                  position_ids=positions(full_mask)[:, prefix:-1], cache=out.cache, use_cache=True)
+        return torch.cat([first, rest.logits], 1)
 
     @torch.no_grad()
     def generate(self, features, prompt_ids, prompt_mask, group_size=1, max_new_tokens=8,

@@ -609,3 +609,38 @@ def test_cosine_lr_schedule():
     assert lrs[total] == pytest.approx(0.1 * peak)
     assert lrs[total - 1] == pytest.approx(0.1 * peak, rel=1e-2)   # the last step is nearly there
     assert sft.cosine_lr(10 * total, total, warmup, peak) == pytest.approx(0.1 * peak)   # stays at the floor
+
+
+# ----------------------------------------------------------------------------- shared-prefix scoring
+
+def test_shared_prefix_scoring_equals_the_full_pass_with_gradients(frames, train_samples):
+    torch.manual_seed(0)
+    policy = VideoLM(ModelConfig())
+    policy.add_lora(8, 16)
+    randomize_lora_b(policy)
+    policy.snapshot_reference()
+    randomize_lora_b(policy, scale=0.1)                 # the reference differs from the policy
+    samples = [dict(s) for s in train_samples[:3]]
+    samples[1]["question"] = "how many squares are there ? where is the square ?"   # prompts of other lengths
+    G = 4
+    features = policy.encode_video(frames[:3])
+    prompt_ids, prompt_mask = policy.encode_prompts(samples)
+    completion_ids, completion_mask, _ = policy.generate(features, prompt_ids, prompt_mask, group_size=G,
+                                                         max_new_tokens=5, generator=torch.Generator().manual_seed(1))
+    assert completion_mask.sum(-1).min() < completion_mask.shape[1]     # some rows end early (padding after EOS)
+    results = {}
+    for share in (False, True):
+        policy.config.share_prefix = share
+        policy.zero_grad()
+        logits = policy.completion_logits(features, prompt_ids, prompt_mask, completion_ids, completion_mask, G)
+        (logits.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) * completion_mask).sum().backward()
+        with torch.no_grad():
+            reference = policy.completion_logits(features, prompt_ids, prompt_mask, completion_ids,
+                                                 completion_mask, G, reference=True)
+        results[share] = (logits.detach(), reference, [p.grad.clone() for p in policy.trainable_parameters()])
+    kept = completion_mask.bool()
+    assert torch.allclose(results[True][0][kept], results[False][0][kept], atol=1e-5)
+    assert torch.allclose(results[True][1][kept], results[False][1][kept], atol=1e-5)
+    assert not torch.allclose(results[False][0][kept], results[False][1][kept], atol=1e-3)
+    for shared, full in zip(results[True][2], results[False][2]):
+        assert (shared - full).norm() <= 1e-4 * full.norm()
