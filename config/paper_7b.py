@@ -1,8 +1,9 @@
 # The paper's setting (Sec. 5.1, Appendix A.1): a LLaVA-style 7B video model, QLoRA, G = 5, 4 GPUs.
-#   torchrun --nproc_per_node=4 train.py config/paper_7b.py \
-#       --vision=/models/clip-vit-large-patch14-336 --lm=/models/llama-2-7b \
-#       --sft_checkpoint=/models/vlm-sft-videolm --train_data=/data/rl_prompts.jsonl --eval_data=/data/msvd_qa.jsonl
-# No path is baked in: give the model and data locations on the command line (local dirs or hub ids).
+#   python convert.py --src=/models/vlm-rlaif-sft --vision=/models/clip-vit-large-patch14-336 --out=/models/vlm-sft-videolm
+#   torchrun --nproc_per_node=4 train.py config/paper_7b.py --sft_checkpoint=/models/vlm-sft-videolm \
+#       --train_data=/data/rl_prompts.jsonl --eval_data=/data/msvd_qa.jsonl
+# No path is baked in: the SFT checkpoint names its vision tower and LM (local dirs or hub ids); without
+# one, give --vision=... --lm=... and the warm start is trained by sft.py (set sft_steps).
 # Values the paper states are marked (paper); the rest are common GRPO choices it leaves open.
 num_frames = 50              # (paper) frames sampled uniformly per video
 dtype = "bfloat16"
