@@ -341,6 +341,8 @@ def warm_start(master, train_samples, device, overrides):
                                        lora_target_modules=lora_target_modules, seed=seed)
             policy = VideoLM(model_config).to(device)
             print(f"sft: no checkpoint at {sft_dir}; training the warm start for {sft_steps} steps")
+            if sft_steps == 0:
+                warnings.warn("sft_steps=0 and no --sft_checkpoint: RL starts from an untrained projector")
             train_sft(policy, train_samples, sft_steps, sft_batch_size, sft_learning_rate, seed=seed)
             policy.save(sft_dir)
         barrier()
