@@ -136,32 +136,43 @@ def variant_table(rows):
     return "\n".join(lines)
 
 
+def smooth(values, width=10):
+    """Trailing moving average: per-step training metrics are noisy."""
+    return [statistics.mean(values[max(0, i - width + 1):i + 1]) for i in range(len(values))]
+
+
+PANELS = [("curve", "held-out accuracy (greedy)", False),
+          ("sample_accuracy", "accuracy of the sampled responses (10-step mean)", True),
+          ("oracle_rank", "mean Oracle rank of the samples (10-step mean; identical responses tie at\n"
+                          "rank 0, so a policy that collapses onto one answer scores 0)", True)]
+
+
 def plot(rows, path):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(2, len(ORACLES), figsize=(6 * len(ORACLES), 8), squeeze=False)
+    fig, axes = plt.subplots(len(PANELS), len(ORACLES), figsize=(6.5 * len(ORACLES), 4 * len(PANELS)), squeeze=False)
     for column, oracle in enumerate(ORACLES):
         for method in METHODS:
             runs = [r for r in rows if r["oracle"] == oracle and r["method"] == method and r["variant"] == "default"]
-            for row_index, key in enumerate(("curve", "oracle_rank")):
-                if not runs:
-                    continue
+            if not runs:
+                continue
+            for row_index, (key, _, smoothed) in enumerate(PANELS):
                 steps = [s for s, _ in runs[0][key]]
                 series = [[v for _, v in r[key]] for r in runs if len(r[key]) == len(steps)]
-                mean = [statistics.mean(vals) for vals in zip(*series)]
-                low = [min(vals) for vals in zip(*series)]
-                high = [max(vals) for vals in zip(*series)]
+                if smoothed:
+                    series = [smooth(values) for values in series]
                 ax = axes[row_index][column]
-                ax.plot(steps, mean, label=f"{method} ({len(series)} seeds)")
-                ax.fill_between(steps, low, high, alpha=0.2)
-        axes[0][column].set_title(f"held-out accuracy, {oracle} Oracle")
-        axes[1][column].set_title(f"mean Oracle rank of the samples, {oracle} Oracle (lower = better)")
-        for ax in axes[:, column]:
+                ax.plot(steps, [statistics.mean(v) for v in zip(*series)], label=f"{method} ({len(series)} seeds)")
+                ax.fill_between(steps, [min(v) for v in zip(*series)], [max(v) for v in zip(*series)], alpha=0.2)
+        for row_index, (_, title, _) in enumerate(PANELS):
+            ax = axes[row_index][column]
+            ax.set_title(f"{oracle} Oracle: {title}", fontsize=9)
             ax.set_xlabel("RL step")
-            ax.legend()
+            if ax.get_legend_handles_labels()[0]:
+                ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    fig.savefig(path, dpi=90)
 
 
 def main(argv):

@@ -54,9 +54,9 @@ def common(synth, sft_dir, out_dir):
             f"--out_dir={out_dir}"] + SMALL
 
 
-def small_rollout(sft_dir, synth, group_size=4):
+def small_rollout(sft_dir, synth, group_size=4, share_prefix=False):
     from train import load_frames
-    policy = VideoLM.load(sft_dir)
+    policy = VideoLM.load(sft_dir, share_prefix=share_prefix)
     policy.add_lora(8, 16)
     policy.snapshot_reference()
     samples = load_jsonl(synth["train"])[:3]
@@ -93,8 +93,9 @@ def test_predicted_ranks_follow_sequence_logprobs(sft_dir, synth):
             batch.seq_logp[b].unsqueeze(0) >= batch.seq_logp[b].unsqueeze(1)).all()
 
 
-def test_ratio_is_exactly_one_on_the_first_pass(sft_dir, synth):
-    policy, batch = small_rollout(sft_dir, synth)
+@pytest.mark.parametrize("share_prefix", [False, True])
+def test_ratio_is_exactly_one_on_the_first_pass(sft_dir, synth, share_prefix):
+    policy, batch = small_rollout(sft_dir, synth, share_prefix=share_prefix)
     policy.train()
     logp = completion_logprobs(policy, batch)
     ratio = torch.exp(logp - batch.old_logp)[batch.completion_mask.bool()]
