@@ -97,7 +97,7 @@ step_iterations = 2          # mu
 step_beta = 0.04
 step_threads = 2             # torch threads for 5 and 6, as train.py's num_threads
 only = ""                    # comma list of sections to run: rollout,logprobs,decode,oracle,step,loader,prefix; empty: all
-step_share_prefix = False    # the step section with ModelConfig.share_prefix (see the prefix section)
+step_share_prefix = True     # as train.py (share_prefix); False: the plain scoring pass (see the prefix section)
 # -----------------------------------------------------------------------------
 
 
