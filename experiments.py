@@ -113,7 +113,7 @@ def table(rows, oracle):
         return ""
     categories = sorted(main[0]["by_category"]["before"])
     columns = ["SFT"] + [m for m in METHODS if any(r["method"] == m for r in main)]
-    lines = [f"| category | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
+    lines = ["| category | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
     for category in categories + ["Overall"]:
         cells = []
         for column in columns:

@@ -178,7 +178,7 @@ class VideoLM(nn.Module):
     # ------------------------------------------------------------------ LoRA and the reference policy
 
     def _wrap_lora(self):
-        from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+        from peft import get_peft_model, prepare_model_for_kbit_training
         if self.config.load_in_4bit:
             self.lm = prepare_model_for_kbit_training(
                 self.lm, use_gradient_checkpointing=self.config.gradient_checkpointing)

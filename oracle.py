@@ -513,7 +513,7 @@ def chat(messages, base_url=JUDGE_BASE_URL, model=None, api_key_env="OPENAI_API_
             if e.code not in RETRY_STATUS and e.code < 500:
                 break                                   # auth / bad request / no such model: final
             wait = _retry_after(e.headers.get("Retry-After"))   # 429 and 503 may say how long
-        except (TimeoutError, socket.timeout) as e:
+        except (TimeoutError, socket.timeout):
             reason = f"timeout after {min(timeout, remaining):.3g} s from {url}"
         except urllib.error.URLError as e:
             kind = "timeout" if isinstance(e.reason, (TimeoutError, socket.timeout)) else "connection error"

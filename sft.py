@@ -10,7 +10,6 @@ $ python sft.py --steps=600 --out_dir=out/sft600
 Prints held-out exact-match accuracy per category and saves a model.py checkpoint.
 """
 import math
-import os
 import sys
 import time
 import warnings
