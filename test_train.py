@@ -319,3 +319,15 @@ def test_only_explicit_runtime_options_override_a_loaded_checkpoint(tmp_path):
     given = module.configure([str(config), "--num_frames=50"], vars(module))
     assert module.runtime_overrides(given) == {"dtype": "bfloat16", "load_in_4bit": True, "num_frames": 50}
     importlib.reload(train)
+
+
+def test_each_prompt_belongs_to_exactly_one_process():
+    for world in (1, 2, 4):
+        batch_index = train.global_batch_indices(100, epoch=1, step_in_epoch=2, global_batch=8 * world)
+        shards = [train.prompts_of_process(batch_index, rank, world) for rank in range(world)]
+        assert sorted(sum(shards, [])) == sorted(batch_index.tolist())          # every prompt is owned ...
+        assert len(set(sum(shards, []))) == len(batch_index)                    # ... by exactly one process
+        assert all(len(shard) == 8 for shard in shards)
+    # the permutation depends on the epoch only: a resumed run sees the same prompts
+    assert torch.equal(train.global_batch_indices(100, 1, 3, 16), train.global_batch_indices(100, 1, 3, 16))
+    assert not torch.equal(train.global_batch_indices(100, 1, 3, 16), train.global_batch_indices(100, 2, 3, 16))

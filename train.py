@@ -292,6 +292,19 @@ def oracle_ranks(oracle_, samples, responses, workers):
     return oracle_rank, valid, failures
 
 
+def global_batch_indices(num_samples, epoch, step_in_epoch, global_batch):
+    """The prompts of one step across all processes: a slice of the epoch's permutation, which
+    depends only on (seed, epoch), so a resumed run continues with the same data. -> (global_batch,)"""
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[step_in_epoch * global_batch:(step_in_epoch + 1) * global_batch]
+
+
+def prompts_of_process(batch_index, rank, world):
+    """This process's prompts: whole prompts, never parts of a group. Each process samples all G
+    responses of its prompts itself, so the Oracle always ranks complete groups. -> list of ints"""
+    return batch_index[rank::world].tolist()
+
+
 def sample_correct(sample, response):
     """Is a sampled response right? (A training-curve metric; the Oracle may grade differently.)"""
     if sample.get("options"):
@@ -447,9 +460,8 @@ def main(argv):
         if step_in_epoch == 0:
             policy.snapshot_reference()                            # line 3: pi_ref <- pi_theta
         step_start = time.time()
-        order = torch.randperm(len(train_samples), generator=torch.Generator().manual_seed(seed + epoch))
-        batch_index = order[step_in_epoch * global_batch:(step_in_epoch + 1) * global_batch]
-        samples = [train_samples[i] for i in batch_index[rank::world].tolist()]   # line 5; whole groups per process
+        batch_index = global_batch_indices(len(train_samples), epoch, step_in_epoch, global_batch)
+        samples = [train_samples[i] for i in prompts_of_process(batch_index, rank, world)]   # line 5
 
         frames, samples, failed = load_frames(samples, policy.config.num_frames)
         failed_total, seen_total = reduce_sum([len(failed), len(failed) + len(samples)], device)
