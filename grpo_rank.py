@@ -15,7 +15,8 @@ The paper is inconsistent in places; every choice is a keyword:
   bound     "symmetric" min/max of the two DCGs, so delta is in [0, 1) as the paper states
             "literal"   DCG(pred) / DCG(true) as printed in Eq. 9 (can exceed 1)
   method    "lambda"      LambdaRank-style pairwise advantage (the default, see below)
-            "paper"       Eq. 7-9 exactly as printed
+            "paper"       Eq. 7-8 exactly as printed, on Eq. 9's penalty under `bound`
+                          (bound="literal" for Eq. 9 as printed too)
             "rank_reward" standard GRPO (Eq. 5) on the reward (G-1-rank)/(G-1)
 Why "lambda" is the default: the paper's advantage rewards a response for the policy's
 own ranking *agreeing* with the Oracle's, not for being good. An unlikely wrong answer
@@ -92,7 +93,8 @@ def group_ndcg(policy_rank, oracle_rank, dcg_kind="eq10"):
 
 def rank_advantages(oracle_rank, seq_logp, method="lambda", dcg_kind="eq10", bound="symmetric"):
     """Advantages from Oracle ranks. oracle_rank: (B, G) long, seq_logp: (B, G) float
-    (l_i of Algorithm 1 line 8) -> advantages (B, G) float, no gradient, zero-sum per group."""
+    (l_i of Algorithm 1 line 8) -> advantages (B, G) float, no gradient, zero-sum per group.
+    Ranks with ties are read as competition ranks (dense ranks 0, 0, 1 become 0, 0, 2)."""
     _check_choice("method", method, METHODS)
     _check_choice("dcg_kind", dcg_kind, DCG_KINDS)
     _check_choice("bound", bound, BOUNDS)
@@ -101,12 +103,13 @@ def rank_advantages(oracle_rank, seq_logp, method="lambda", dcg_kind="eq10", bou
                          f"{tuple(seq_logp.shape)} must both have shape (B, G)")
     group_size = oracle_rank.shape[1]
     _check_ranks("oracle_rank", oracle_rank, group_size)
+    oracle_rank = ranks_from_scores(-oracle_rank.to(torch.get_default_dtype()))   # dense 0,0,1 -> competition 0,0,2
     seq_logp = seq_logp.detach().to(torch.get_default_dtype())
     if not torch.isfinite(seq_logp).all():
         raise ValueError("seq_logp must be finite, got NaN or inf")
     policy_rank = ranks_from_scores(seq_logp)      # Algorithm 1 line 9
 
-    if method == "paper":
+    if method == "paper":   # note: with G = 2 and the symmetric bound both deltas are equal, so A = 0
         delta = ndcg_penalty(policy_rank, oracle_rank, dcg_kind, bound)   # Eq. 9
         return delta.mean(-1, keepdim=True) - delta                       # Eq. 7-8
 
@@ -122,6 +125,8 @@ def rank_advantages(oracle_rank, seq_logp, method="lambda", dcg_kind="eq10", bou
     # i and j (gains DCG(oracle rank), discounts DCG(policy rank), as in the paper's Eq. 9-10),
     # so mistakes near the top weigh most; the sigmoid is ~1 for a mis-ordered pair (false
     # promotion of the worse response), 1/2 for a tie and fades as the pair becomes well ordered.
+    # Not normalised: |A| is typically 0.03-0.2, smaller than rank_reward's unit scale, which
+    # matters for the weight of beta's KL term when copying this elsewhere.
     gain, discount = dcg(oracle_rank, dcg_kind), dcg(policy_rank, dcg_kind)
     ideal = (gain * gain).sum(-1, keepdim=True).unsqueeze(-1)                     # (B, 1, 1)
     swap = ((gain.unsqueeze(2) - gain.unsqueeze(1)) *
@@ -133,7 +138,8 @@ def rank_advantages(oracle_rank, seq_logp, method="lambda", dcg_kind="eq10", bou
 
 def masked_mean(values, mask, agg="sequence"):
     """values, mask: (N, L) -> scalar. "sequence": mean over each sequence's tokens, then over
-    the sequences that have tokens (Eq. 6's 1/|o_i| and 1/G); "token": mean over all tokens."""
+    the sequences that have tokens (Eq. 6's 1/|o_i| and 1/G; sequences whose mask is all zero, e.g.
+    masked truncated completions, drop out of the count); "token": mean over all tokens."""
     _check_choice("agg", agg, AGGS)
     mask = mask.to(values.dtype)
     if agg == "token":
@@ -172,7 +178,8 @@ def grpo_rank_loss(logp, old_logp, ref_logp, advantages, mask, epsilon=0.2, epsi
     kl = torch.zeros_like(logp)
     if ref_logp is not None:
         log_ref_ratio = ref_logp.detach() - logp
-        kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1.0                         # k3 estimator of D_KL
+        # k3 estimator of D_KL[pi_theta || pi_ref] (DeepSeekMath's GRPO); Eq. 3/6 print D_KL[pi_old || pi_theta]
+        kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1.0
         objective = objective - beta * kl                                           # Eq. 6, - beta D_KL
     if entropy is not None and entropy_coef != 0:
         objective = objective + entropy_coef * entropy                              # Eq. 6, + c_entropy H

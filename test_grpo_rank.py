@@ -309,3 +309,11 @@ def test_loss_errors_name_the_argument():
         grpo_rank_loss(logp, logp, None, torch.zeros(2), torch.ones(2, 3), beta=0.04)
     with pytest.raises(ValueError, match="agg must be one of"):
         grpo_rank_loss(logp, logp, logp, torch.zeros(2), torch.ones(2, 3), agg="batch")
+
+
+def test_dense_and_competition_ranks_give_the_same_advantages():
+    seq_logp = torch.tensor([[-1.0, -3.0, -2.0, -4.0]])
+    for method in METHODS:
+        dense = rank_advantages(long(0, 0, 1, 1), seq_logp, method)
+        competition = rank_advantages(long(0, 0, 2, 2), seq_logp, method)
+        assert torch.equal(dense, competition), method

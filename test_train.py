@@ -331,3 +331,25 @@ def test_each_prompt_belongs_to_exactly_one_process():
     # the permutation depends on the epoch only: a resumed run sees the same prompts
     assert torch.equal(train.global_batch_indices(100, 1, 3, 16), train.global_batch_indices(100, 1, 3, 16))
     assert not torch.equal(train.global_batch_indices(100, 1, 3, 16), train.global_batch_indices(100, 2, 3, 16))
+
+
+def test_dropout_is_off_in_rl_so_the_first_pass_ratio_is_one(synth, sft_dir, tmp_path):
+    out = str(tmp_path / "out")
+    run_train(*common(synth, sft_dir, out), "--max_steps=1", "--num_iterations=1", "--lora_dropout=0.3")
+    row = read_metrics(out)[0]
+    assert row["ratio"] == 1.0 and row["clip_fraction"] == 0.0
+
+
+def test_nonfinite_sequence_logprob_skips_the_group_not_the_run(synth, sft_dir, tmp_path, monkeypatch):
+    module = importlib.reload(train)
+    real_rollout = module.rollout
+
+    def broken_rollout(*args, **kwargs):
+        batch = real_rollout(*args, **kwargs)
+        batch.seq_logp[0, 1] = float("nan")
+        return batch
+    monkeypatch.setattr(module, "rollout", broken_rollout)
+    out = str(tmp_path / "out")
+    with pytest.warns(UserWarning, match="non-finite sequence log-probs"):
+        module.main(common(synth, sft_dir, out) + ["--max_steps=2"])
+    assert [r["nonfinite_groups"] for r in read_metrics(out)] == [1, 2]

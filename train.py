@@ -2,7 +2,7 @@
 Algorithm 1 (Iterative GRPO_rank), end to end.
 
 $ python train.py                          # the embedded default: CPU, no downloads, minutes
-$ python train.py --advantage=paper        # the paper's advantage, Eq. 7-9 exactly as printed
+$ python train.py --advantage=paper        # the paper's advantage, Eq. 7-8 (+ --bound=literal: Eq. 9 as printed)
 $ torchrun --nproc_per_node=4 train.py config.py --lm=/models/llama   # FSDP2, one process per GPU
 
 The main job: make the synthetic video-QA set if missing -> SFT warm start if there is no SFT
@@ -69,7 +69,7 @@ lora_alpha = 16
 lora_dropout = 0.0
 lora_target_modules = "q_proj,k_proj,v_proj,o_proj"
 # GRPO_rank (paper Sec. 4)
-advantage = "lambda"         # "lambda" | "paper" (Eq. 7-9 as printed) | "rank_reward"
+advantage = "lambda"         # "lambda" | "paper" (Eq. 7-8 as printed) | "rank_reward"
 dcg_kind = "eq10"            # "eq10" | "eq11" | "table3"
 bound = "symmetric"          # "symmetric" | "literal" (Eq. 9 as printed)
 ratio_policy = "rollout"     # "rollout": standard GRPO; "reference": Eq. 4/6 read literally (pi_old = pi_ref)
@@ -410,6 +410,9 @@ def main(argv):
         policy.snapshot_reference()   # made before sharding; refreshed in place at each epoch start
     timings["sft"] = time.time() - tick
     policy.config.share_prefix = share_prefix
+    for module in policy.modules():   # RL without dropout: the rollout, reference and training passes
+        if isinstance(module, torch.nn.Dropout):   # must score the same policy (ratio 1 on the first pass)
+            module.p = 0.0
     policy.to(device)
     if world > 1:
         shard(policy)
@@ -417,7 +420,7 @@ def main(argv):
     oracle_ = build_oracle()
     generator = torch.Generator(device=device).manual_seed(seed + 1000 * rank)
 
-    step, counters, before = 0, {"oracle_failures": 0, "skipped_samples": 0, "nonfinite_steps": 0}, None
+    step, counters, before = 0, {"oracle_failures": 0, "skipped_samples": 0, "nonfinite_groups": 0, "nonfinite_steps": 0}, None
     if state:
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(policy, optimizer, optim_state_dict=state["optimizer"],
@@ -477,6 +480,12 @@ def main(argv):
         for message in failures:
             warnings.warn(message)
         counters["oracle_failures"] += int(reduce_sum([len(failures)], device)[0])
+        finite = torch.isfinite(batch.seq_logp.cpu()).all(-1)
+        if not finite.all():   # a non-finite l_i cannot be ranked: that group is skipped and counted
+            warnings.warn(f"step {step}: non-finite sequence log-probs for samples "
+                          f"{[s['id'] for s, ok in zip(samples, finite.tolist()) if not ok]}; their groups get zero advantages")
+            valid &= finite
+        counters["nonfinite_groups"] += int(reduce_sum([float((~finite).sum())], device)[0])
         # line 9 (predicted ranks from l_i) happens inside rank_advantages; failed groups keep zeros
         advantages = torch.zeros(len(samples), num_generations)
         if valid.any():

@@ -11,7 +11,7 @@ load_in_4bit = True          # (paper) QLoRA: NF4 base weights, double quantisat
 gradient_checkpointing = True
 lora_r = 64                  # (paper) "rank 65" in A.1 is read as 64
 lora_alpha = 16              # (paper)
-lora_dropout = 0.05
+lora_dropout = 0.0            # RL runs without dropout (train.py turns it off)
 num_generations = 5          # (paper) G = 5 candidate responses
 batch_size = 16              # prompts per GPU: 4 x 16 = the rollout batch of 64 (paper, Sec. 5.1)
 epochs = 4                   # (paper) 4 epochs for the VLM-RLAIF comparison
