@@ -53,8 +53,9 @@ SYNTH_QUESTIONS = {
     "order": ["which colour appears first ?", "what colour is the first square to appear ?"],
 }
 SYNTH_FPS = 8
-SYNTH_CRF = "18"   # libx264 quality; 64x64 x 8 frames stays around 1-2 KB per file
-SYNTH_VERSION = 2  # bump when the generator changes, so cached data is regenerated
+SYNTH_X264 = {"qp": "0"}   # lossless: x264's lossy decisions vary run to run (measured: 10 of 40
+                           # re-encodings of one clip at crf 18 differed in pixels), lossless ones do not
+SYNTH_VERSION = 3  # bump when the generator changes, so cached data is regenerated
 
 
 class VideoError(Exception):
@@ -484,11 +485,11 @@ def make_synthetic_video(rng, category, answer=None, num_frames=8, size=64):
 
 
 def _write_mp4(path, frames):
-    """uint8 (T, H, W, 3) -> H.264 mp4 (yuv420p). One encoder thread keeps the
-    output deterministic; the rename keeps a killed run from leaving half a file."""
+    """uint8 (T, H, W, 3) -> lossless H.264 mp4 (yuv420p), so the decoded pixels are the same on
+    every run and machine; the rename keeps a killed run from leaving half a file."""
     tmp = f"{path}.tmp{os.getpid()}.mp4"
     with av.open(tmp, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=SYNTH_FPS, options={"crf": SYNTH_CRF})
+        stream = container.add_stream("libx264", rate=SYNTH_FPS, options=SYNTH_X264)
         stream.height, stream.width = frames.shape[1:3]
         stream.pix_fmt = "yuv420p"
         stream.codec_context.thread_count = 1
