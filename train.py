@@ -425,7 +425,7 @@ def main(argv):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
         set_optimizer_state_dict(policy, optimizer, optim_state_dict=state["optimizer"],
                                  options=StateDictOptions(full_state_dict=True))
-        step, counters, before = state["step"], state["counters"], state["before"]
+        step, counters, before = state["step"], {**counters, **state["counters"]}, state["before"]
         torch.set_rng_state(state["rng"]["torch"])
         if len(state["rng"]["generators"]) == world:   # the same sampling stream, when the layout matches
             generator.set_state(state["rng"]["generators"][rank].to(generator.get_state().device))
