@@ -19,6 +19,7 @@ import re
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 try:  # decord is the paper's decoder; it has x86-64 wheels only, PyAV is the fallback
     import decord
@@ -148,6 +149,40 @@ def load_video(path, num_frames, backend="auto"):
 
 # -----------------------------------------------------------------------------
 # the JSONL dataset format
+
+def stack_frames(videos):
+    """list of B uint8 (T, H, W, 3) -> uint8 (B, T, H', W', 3) for one encode_video call.
+    Videos of one size are stacked as they are. Mixed sizes are centre-cropped to squares and resized
+    to the largest square: what the policy's preprocessing (short side resize, centre crop) would make
+    of each anyway, and one call per batch keeps the ranks of a sharded model in step."""
+    if all(v.shape == videos[0].shape for v in videos):
+        return torch.stack(videos)
+    side = max(min(v.shape[1:3]) for v in videos)
+    squares = []
+    for v in videos:
+        height, width = v.shape[1:3]
+        crop = min(height, width)
+        top, left = (height - crop) // 2, (width - crop) // 2
+        pixels = v[:, top:top + crop, left:left + crop].permute(0, 3, 1, 2).float()
+        if crop != side:
+            pixels = F.interpolate(pixels, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
+        squares.append(pixels.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
+    return torch.stack(squares)
+
+
+def read_videos(samples, num_frames):
+    """Decode the videos of a batch of samples; one that cannot be read does not stop the batch.
+    -> (frames uint8 (B', T, H, W, 3) or None when none loaded, the B' samples that loaded,
+    [(sample, VideoError)] for those that did not: the caller reports and counts them)."""
+    videos, loaded, failures = [], [], []
+    for sample in samples:
+        try:
+            videos.append(load_video(sample["video"], num_frames))
+            loaded.append(sample)
+        except VideoError as err:
+            failures.append((sample, err))
+    return (stack_frames(videos) if videos else None), loaded, failures
+
 
 def _check_sample(row, base_dir):
     """Validates one parsed line; returns (sample, problems). The sample is a

@@ -38,10 +38,9 @@ import sys
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import LETTERS, VideoError, load_jsonl, load_video, write_jsonl
+from data import LETTERS, load_jsonl, read_videos, write_jsonl
 from model import VideoLM
 from oracle import (JUDGE_BACKOFF, JUDGE_BASE_URL, JUDGE_MAX_RETRIES, JudgeOracle, OracleError,
                     extract_choice, normalize_answer, reference_letter, run_many)
@@ -180,43 +179,21 @@ def summarize(records, task):
 # generation
 
 
-def stack_frames(videos):
-    """list of B uint8 (T, H, W, 3) -> uint8 (B, T, H', W', 3) for one encode_video call.
-    Videos of one size are stacked as they are. Mixed sizes are centre-cropped to squares and resized
-    to the largest square: what the policy's preprocessing (short side resize, centre crop) would make
-    of each anyway, and one call per batch keeps the ranks of a sharded model in step."""
-    if all(v.shape == videos[0].shape for v in videos):
-        return torch.stack(videos)
-    side = max(min(v.shape[1:3]) for v in videos)
-    squares = []
-    for v in videos:
-        height, width = v.shape[1:3]
-        crop = min(height, width)
-        top, left = (height - crop) // 2, (width - crop) // 2
-        pixels = v[:, top:top + crop, left:left + crop].permute(0, 3, 1, 2).float()
-        if crop != side:
-            pixels = F.interpolate(pixels, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-        squares.append(pixels.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
-    return torch.stack(squares)
-
-
 def generate_batch(policy, samples, max_new_tokens, temperature, generator, always=False):
     """One encode_video + one generate for a batch. samples: list[dict] ->
     (list of {"prediction", "truncated"} | None per sample (None: the video failed to load), errors:
     {id: reason}). always=True (distributed) runs the forward passes even when no video loaded, on a
     blank clip, so that every rank makes the same calls; its output is thrown away."""
-    videos, loaded, errors = [], [], {}
-    for sample in samples:
-        try:
-            videos.append(load_video(sample["video"], policy.config.num_frames))
-            loaded.append(sample)
-        except VideoError as e:
-            log.warning("sample %s: skipped, video %s cannot be read: %s", sample["id"], sample["video"], e)
-            errors[sample["id"]] = str(e)
+    frames, loaded, failures = read_videos(samples, policy.config.num_frames)
+    errors = {}
+    for sample, e in failures:
+        log.warning("sample %s: skipped, video %s cannot be read: %s", sample["id"], sample["video"], e)
+        errors[sample["id"]] = str(e)
     if not loaded and not always:
         return [None] * len(samples), errors
     prompts = loaded or [{"question": "?"}]
-    frames = stack_frames(videos) if videos else torch.zeros(1, policy.config.num_frames, 32, 32, 3, dtype=torch.uint8)
+    if frames is None:
+        frames = torch.zeros(1, policy.config.num_frames, 32, 32, 3, dtype=torch.uint8)
     features = policy.encode_video(frames)
     prompt_ids, prompt_mask = policy.encode_prompts(prompts)
     ids, mask, truncated = policy.generate(features, prompt_ids, prompt_mask, group_size=1,

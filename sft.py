@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
+from data import read_videos
+
 # -----------------------------------------------------------------------------
 # defaults, overridable as --key=value
 out_dir = "out/sft"
@@ -46,18 +48,13 @@ def cosine_lr(step, total, warmup, peak):
 def encode_dataset(policy, samples, batch_size=64, progress=True):
     """Pooled video features of every sample: (N, V, C), and the samples whose video loaded.
     A video that fails to load is skipped with a warning naming it (counted by the caller)."""
-    from data import VideoError, load_video
     features, kept = [], []
     for start in tqdm(range(0, len(samples), batch_size), desc="encode videos", disable=not progress, leave=False):
-        frames, rows = [], []
-        for sample in samples[start:start + batch_size]:
-            try:
-                frames.append(load_video(sample["video"], policy.config.num_frames))
-                rows.append(sample)
-            except VideoError as err:
-                warnings.warn(f"skipping sample {sample['id']}: {err}")
-        if frames:
-            features.append(policy.encode_video(torch.stack(frames)).cpu())
+        frames, rows, failures = read_videos(samples[start:start + batch_size], policy.config.num_frames)
+        for sample, err in failures:
+            warnings.warn(f"skipping sample {sample['id']}: {err}")
+        if frames is not None:
+            features.append(policy.encode_video(frames).cpu())
             kept += rows
     if not kept:
         raise RuntimeError("no training video could be loaded")

@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 import eval as ev
-from data import load_jsonl, make_synthetic_dataset, write_jsonl
+from data import load_jsonl, make_synthetic_dataset, stack_frames, write_jsonl
 from model import ModelConfig, VideoLM
 from oracle import OracleError, parse_verdict
 
@@ -386,11 +386,11 @@ def test_missing_video_is_skipped_and_counted(synth, tmp_path, caplog):
 def test_videos_of_different_sizes_share_one_encode_call():
     videos = [torch.randint(0, 256, (4, 32, 48, 3), dtype=torch.uint8),
               torch.randint(0, 256, (4, 40, 40, 3), dtype=torch.uint8)]
-    stacked = ev.stack_frames(videos)
+    stacked = stack_frames(videos)
     assert stacked.shape == (2, 4, 40, 40, 3) and stacked.dtype == torch.uint8
     assert torch.equal(stacked[1], videos[1])
     same = [videos[1], videos[1].clone()]
-    assert torch.equal(ev.stack_frames(same), torch.stack(same))
+    assert torch.equal(stack_frames(same), torch.stack(same))
 
 
 # ---------------------------------------------------------------------------------------------

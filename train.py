@@ -25,8 +25,8 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import VideoError, load_jsonl, load_video, make_synthetic_dataset
-from eval import evaluate, format_comparison, stack_frames
+from data import load_jsonl, make_synthetic_dataset, read_videos
+from eval import evaluate, format_comparison
 from grpo_rank import BOUNDS, DCG_KINDS, METHODS, group_ndcg, grpo_rank_loss, rank_advantages, ranks_from_scores
 from model import ModelConfig, VideoLM
 from oracle import OracleError, extract_choice, make_oracle, normalize_answer, rank_many
@@ -256,16 +256,12 @@ def latest_checkpoint(path):
 # ----------------------------------------------------------------------------- one step's pieces
 
 def load_frames(samples, num_frames_):
-    """Decode a batch's videos. Returns (frames (B', T, H, W, 3), kept samples, failed samples)."""
-    frames, kept, failed = [], [], []
-    for sample in samples:
-        try:
-            frames.append(load_video(sample["video"], num_frames_))
-            kept.append(sample)
-        except VideoError as err:
-            warnings.warn(f"skipping sample {sample['id']}: {err}")
-            failed.append(sample)
-    return (stack_frames(frames) if frames else None), kept, failed
+    """Decode a batch's videos. Returns (frames (B', T, H, W, 3), kept samples, failed samples);
+    each failure is reported with a warning naming the sample and the file."""
+    frames, kept, failures = read_videos(samples, num_frames_)
+    for sample, err in failures:
+        warnings.warn(f"skipping sample {sample['id']}: {err}")
+    return frames, kept, [sample for sample, _ in failures]
 
 
 def oracle_ranks(oracle_, samples, responses, workers):
