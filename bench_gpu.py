@@ -11,21 +11,23 @@ $ python bench_gpu.py --cpu_smoke=True                  # the same code path, ti
 
 Random parts are built from configs and written with save_pretrained to a cache directory, so the
 policy is loaded through model.py's normal pretrained path (from_pretrained, bitsandbytes, peft).
-Each step is timed by phase, with torch.cuda.synchronize() around every timer:
+Each step is train_step.train_step, the one train.py runs (train.py's defaults under
+config/paper_7b.py, with this script's batch shape), timed by phase with torch.cuda.synchronize()
+around every timer:
+    data          decoding the batch's clips (random frames written once as lossless mp4 files)
     encode        the vision tower over B x T frames (once per prompt)
     generation    B x G samples, one batched KV-cached generate
-    rollout_logp  the no-grad scoring pass of the rollout (+ decoding)
+    rollout_logp  the no-grad scoring pass of the rollout (+ decoding the text)
     oracle        ranking the groups (the reference Oracle: string matching) and the rank advantages
-    ref_logp      the reference adapter's log-probs (KL term)
-    train_forward the training pass with grad, and the loss
-    backward      loss.backward()
-    optimizer     gradient clipping and AdamW
+    reference     the reference adapter's log-probs (KL term)
+    forward       the training passes with grad, and the loss (x mu)
+    backward      loss.backward() (x mu)
+    optimizer     gradient clipping and AdamW (x mu)
 reported as medians over the timed steps, with generated tokens/s and torch.cuda.max_memory_allocated.
 Under torchrun every rank reports its own figures; rank 0 writes them all, and with --baseline_step_s
 (the 1-GPU step time at the same per-GPU batch) the weak-scaling efficiency baseline / step time
 (ideal 1.0) and the throughput speed-up N x baseline / step time (ideal N). Writes results/bench_gpu.json.
 """
-import contextlib
 import json
 import os
 import platform
@@ -113,41 +115,12 @@ def save_random_parts(root, vision_shape, lm_shape, tokenizer, dtype_name="float
     return vision_dir, lm_dir
 
 
-class PhaseTimer:
-    """Seconds per named phase; on CUDA every start and stop waits for the queued kernels."""
-
-    def __init__(self, device):
-        self.cuda = device.type == "cuda"
-        self.seconds = {}
-
-    @contextlib.contextmanager
-    def __call__(self, name):
-        if self.cuda:
-            torch.cuda.synchronize()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            if self.cuda:
-                torch.cuda.synchronize()
-            self.seconds[name] = self.seconds.get(name, 0.0) + time.perf_counter() - start
-
-    def wrap(self, obj, method, name):
-        """Time every call of obj.method (an instance attribute wrapping the bound method, as FSDP's
-        register_fsdp_forward_method does), so rollout.rollout itself runs unchanged."""
-        original = getattr(obj, method)
-
-        def timed(*args, **kwargs):
-            with self(name):
-                return original(*args, **kwargs)
-        setattr(obj, method, timed)
-
-
 def build_policy(device, rank, world):
     """The policy as train.py builds it for RL: pretrained parts, LoRA, the reference adapter, moved
     to the device, FSDP2-sharded under torchrun. Returns (policy, load seconds, parts description)."""
+    from configurator import barrier
     from model import ModelConfig, VideoLM
-    from train import barrier, shard
+    from train_step import shard
     start = time.time()
     vision_dir, lm_dir = vision, lm
     if not (vision and lm):
@@ -172,47 +145,46 @@ def build_policy(device, rank, world):
     return policy, time.time() - start, {"vision": vision_dir, "lm": lm_dir}
 
 
-def rl_step(policy, optimizer, oracle_, samples, frames, generator, timer):
-    """One GRPO_rank step, as train.py's loop body (num_iterations = 1). Returns generated tokens."""
-    from grpo_rank import grpo_rank_loss, rank_advantages
-    from rollout import completion_logprobs, rollout
-    from train import oracle_ranks
-    with timer("rollout"):
-        batch = rollout(policy, samples, frames, num_generations, max_new_tokens, temperature, 1.0, False, generator)
-    with timer("oracle"):
-        oracle_rank, valid, _ = oracle_ranks(oracle_, samples, batch.responses, 8)
-        advantages = torch.zeros(len(samples), num_generations)
-        if valid.any():
-            advantages[valid] = rank_advantages(oracle_rank[valid], batch.seq_logp[valid].cpu())
-        advantages = advantages.to(frames.device).view(-1)
-    with timer("ref_logp"), torch.no_grad():
-        ref_logp = completion_logprobs(policy, batch, reference=True)
-    policy.train()
-    with timer("train_forward"):
-        logp = completion_logprobs(policy, batch)
-        loss, _ = grpo_rank_loss(logp, batch.old_logp, ref_logp, advantages, batch.loss_mask)
-    optimizer.zero_grad(set_to_none=True)
-    with timer("backward"):
-        loss.backward()
-    with timer("optimizer"):
-        torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), 1.0)
-        optimizer.step()
-    if not torch.isfinite(loss):
-        raise RuntimeError(f"non-finite loss {loss.item()} in the benchmark step")
-    return int(batch.completion_mask.sum())
+def step_config():
+    """train.py's defaults under config/paper_7b.py (the paper's setting), with this script's own
+    batch shape: the step train.py would run, built without importing train.py."""
+    from configurator import read_config_file
+    from train_step import StepConfig
+    here = os.path.dirname(os.path.abspath(__file__))
+    options = {**read_config_file(os.path.join(here, "train.py"), skip_other=True),
+               **read_config_file(os.path.join(here, "config", "paper_7b.py"))}
+    options.update(num_generations=num_generations, max_new_tokens=max_new_tokens, temperature=temperature)
+    return StepConfig.from_options(options)
+
+
+def write_videos(root, size, rank):
+    """batch_size random clips of num_frames frames at the tower's resolution, as lossless mp4 files
+    the step decodes (its data phase), made once per shape. -> their paths"""
+    from synth import write_mp4
+    os.makedirs(root, exist_ok=True)
+    generator = torch.Generator().manual_seed(seed + rank)
+    paths = []
+    for i in range(batch_size):
+        path = os.path.join(root, f"r{rank}_{i}_{num_frames}x{size}.mp4")
+        if not os.path.exists(path):
+            write_mp4(path, torch.randint(0, 256, (num_frames, size, size, 3), dtype=torch.uint8,
+                                          generator=generator).numpy())
+        paths.append(path)
+    return paths
 
 
 def summarize(step_rows, generated, device, load_s, world):
     """Medians over the timed steps of one process -> a dict of its figures."""
     median = lambda key: statistics.median(row.get(key, 0.0) for row in step_rows)
-    phases = {name: median(name) for name in ("encode", "generation", "oracle", "ref_logp", "train_forward",
-                                               "backward", "optimizer")}
+    phases = {name: median(name) for name in ("data", "encode", "generation", "oracle", "advantages", "reference",
+                                               "forward", "backward", "optimizer")}
     phases["rollout_logp"] = max(0.0, median("rollout") - phases["encode"] - phases["generation"])
     step_s = median("step")
     tokens = statistics.median(generated)
     row = {"step_s": step_s, "phases_s": phases,
-           "split": {"generation": phases["generation"], "oracle": phases["oracle"],
-                     "logprobs": phases["rollout_logp"] + phases["ref_logp"] + phases["train_forward"],
+           "split": {"decode": phases["data"], "generation": phases["generation"],
+                     "oracle": phases["oracle"] + phases["advantages"],
+                     "logprobs": phases["rollout_logp"] + phases["reference"] + phases["forward"],
                      "backward": phases["backward"] + phases["optimizer"], "encode": phases["encode"]},
            "generated_tokens_per_step": tokens,
            "generation_tokens_per_s": tokens / max(phases["generation"], 1e-9),
@@ -229,7 +201,7 @@ def summarize(step_rows, generated, device, load_s, world):
 
 
 def main(argv):
-    from train import configure
+    from configurator import configure
     configure(argv, globals())
     if tiny or cpu_smoke:   # tiny settings, except those given on the command line
         given = {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}
@@ -239,8 +211,9 @@ def main(argv):
               "on tiny shapes on the CPU)")
         return None
     import torch.distributed as dist
+    from configurator import setup_distributed
     from oracle import make_oracle
-    from train import setup_distributed
+    from train_step import PhaseTimer, train_step
     rank, world, device = setup_distributed()
     if cpu_smoke:
         device = torch.device("cpu")
@@ -251,11 +224,13 @@ def main(argv):
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=learning_rate)
     oracle_ = make_oracle("reference")
     generator = torch.Generator(device=device).manual_seed(seed + 1000 * rank)
-    size = policy.vision.config.image_size   # random frames at the tower's resolution: no resize, no decoding
-    frames = torch.randint(0, 256, (batch_size, num_frames, size, size, 3), dtype=torch.uint8, device=device)
-    samples = [{"id": f"bench{i}", "question": QUESTION, "answer": ANSWER} for i in range(batch_size)]
+    size = policy.vision.config.image_size   # random clips at the tower's resolution: no resize
+    root = os.path.join(cache_dir or os.path.join(tempfile.gettempdir(), "bench_gpu_parts"), "videos")
+    samples = [{"id": f"bench{i}", "video": path, "question": QUESTION, "answer": ANSWER}
+               for i, path in enumerate(write_videos(root, size, rank))]
+    config = step_config()
 
-    timer = PhaseTimer(device)
+    timer = PhaseTimer(cuda=device.type == "cuda")
     timer.wrap(policy, "encode_video", "encode")
     timer.wrap(policy, "generate", "generation")
     if device.type == "cuda":
@@ -264,10 +239,12 @@ def main(argv):
     for step in range(warmup_steps + steps):
         timer.seconds = {}
         with timer("step"):
-            tokens = rl_step(policy, optimizer, oracle_, samples, frames, generator, timer)
+            metrics = train_step(policy, optimizer, samples, oracle_, config, learning_rate, generator, step, timer)
+        if metrics["nonfinite_step"]:
+            raise RuntimeError(f"non-finite loss or gradient in benchmark step {step}")
         if step >= warmup_steps:
             rows.append(dict(timer.seconds))
-            generated.append(tokens)
+            generated.append(metrics["response_length"] * batch_size * num_generations)
     mine = summarize(rows, generated, device, load_s, world)
 
     ranks = [mine]

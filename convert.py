@@ -42,6 +42,8 @@ import zipfile
 
 import torch
 
+from configurator import configure
+
 # -----------------------------------------------------------------------------
 # defaults, overridable as --key=value
 src = ""                     # the LLaVA-style directory (layout a, b or c above)
@@ -367,7 +369,6 @@ def convert(src_dir, out_dir, vision_path="", base_lm_dir="", projector_file="",
 
 
 def main(argv):
-    from train import configure
     configure(argv, globals())
     if not src or not out:
         raise SystemExit("usage: python convert.py --src=DIR --vision=DIR_OR_ID --out=OUT_DIR [--base_lm=DIR] [--projector=FILE]")

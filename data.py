@@ -1,7 +1,6 @@
 """
-Data for Oracle-RLAIF: video decoding, the dataset format, converters from the
-published benchmark annotations, and the synthetic video-QA task that is the
-embedded default (no downloads).
+Data for Oracle-RLAIF: video decoding, frames to model pixels, the dataset format, and converters
+from the published benchmark annotations. (The synthetic task of the embedded default: synth.py.)
 
 The dataset format is JSONL, one sample per line:
     {"id": "42", "video": "videos/a.mp4", "question": "...", "answer": "...",
@@ -9,13 +8,13 @@ The dataset format is JSONL, one sample per line:
 "options", "category" and "duration" are optional; any other key is kept.
 With "options" the sample is multiple choice and "answer" is a letter.
 
-    python data.py synth --out=data/synth
-    python data.py convert --format=msvd_qa --annotations=test_qa.json --video_dir=videos --out=msvd.jsonl
+    python data.py --benchmark=msvd_qa --annotations=test_qa.json --video_dir=videos --out=msvd.jsonl
+    python data.py --benchmark=activitynet_qa --annotations=test_q.json,test_a.json --video_dir=v --out=anet.jsonl
 """
-
 import json
 import os
 import re
+import sys
 
 import numpy as np
 import torch
@@ -28,7 +27,8 @@ except ImportError:
     decord = None
     HAVE_DECORD = False
 import av
-from tqdm import tqdm
+
+from configurator import configure
 
 MAX_REPORTED_ERRORS = 10  # load_jsonl lists this many problems, then "... and N more"
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
@@ -37,26 +37,9 @@ LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 # 0-2 are question types, 3-8 answer types of the "free" questions.
 ACTIVITYNET_QA_TYPES = ["motion", "spatial relation", "temporal relation", "yes/no",
                         "color", "object", "location", "number", "other"]
-
-# Synthetic task. RGB values are far apart (>= 140 in RGB distance) so that
-# colours survive yuv420p compression and a 32x32 resize.
-SYNTH_COLOURS = ["red", "green", "blue", "yellow", "white", "purple"]
-SYNTH_RGB = {"red": (230, 40, 40), "green": (40, 200, 60), "blue": (30, 70, 250),
-             "yellow": (240, 220, 40), "white": (240, 240, 240), "purple": (180, 50, 210)}
-SYNTH_CATEGORIES = ["colour", "count", "position", "order"]
-SYNTH_ANSWERS = {"colour": SYNTH_COLOURS, "count": ["one", "two", "three"],
-                 "position": ["left", "right", "top", "bottom"], "order": SYNTH_COLOURS}
-SYNTH_EXTRA_DISTRACTORS = {"count": ["four"]}  # count has 3 answers; MC needs 4 options
-SYNTH_QUESTIONS = {
-    "colour": ["what colour is the square ?", "what is the colour of the square ?"],
-    "count": ["how many squares are there ?", "how many squares can you see ?"],
-    "position": ["where is the square ?", "in which part of the frame is the square ?"],
-    "order": ["which colour appears first ?", "what colour is the first square to appear ?"],
-}
-SYNTH_FPS = 8
-SYNTH_X264 = {"qp": "0"}   # lossless: x264's lossy decisions vary run to run (measured: 10 of 40
-                           # re-encodings of one clip at crf 18 differed in pixels), lossless ones do not
-SYNTH_VERSION = 3  # bump when the generator changes, so cached data is regenerated
+BENCHMARKS = ("msvd_qa", "msrvtt_qa", "activitynet_qa", "videomme")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # CLIP's image normalisation
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 class VideoError(Exception):
@@ -64,8 +47,7 @@ class VideoError(Exception):
 
 
 class DatasetError(ValueError):
-    """A dataset file is malformed. The message is "FILE:LINE: what is wrong"
-    (one problem per line when there are several; `.errors` holds them all)."""
+    """A dataset file is malformed: "FILE:LINE: what is wrong", one line per problem (all in `.errors`)."""
 
     def __init__(self, message, errors=None):
         super().__init__(message)
@@ -76,8 +58,7 @@ class DatasetError(ValueError):
 # video decoding
 
 def _sample_indices(n, num_frames):
-    """Uniform sampling as in the paper: round(linspace(0, n-1, num_frames)).
-    With fewer than num_frames frames in the video, indices repeat."""
+    """Uniform sampling as in the paper: round(linspace(0, n-1, num_frames)); short videos repeat frames."""
     return np.linspace(0, n - 1, num_frames).round().astype(np.int64)
 
 
@@ -90,10 +71,8 @@ def _read_decord(path, num_frames):
 
 
 def _read_pyav(path, num_frames):
-    # Decode sequentially (exact, no seeking) and convert only the wanted frames
-    # to RGB, so that a long video never sits in memory. The frame count in the
-    # header can be missing (0) or wrong: then the first pass counts the frames
-    # and a second pass picks them.
+    # Decode sequentially (exact, no seeking), converting only the wanted frames to RGB, so a long video
+    # never sits in memory. A header frame count that is missing (0) or wrong costs a second pass.
     n = None
     for _ in range(2):
         with av.open(path) as container:
@@ -118,13 +97,9 @@ def _read_pyav(path, num_frames):
 
 
 def load_video(path, num_frames, backend="auto"):
-    """Decodes num_frames frames sampled uniformly over the whole video.
-
-    path: str or PathLike; backend: "auto" (decord if importable, else PyAV),
-    "decord" or "pyav". Returns a uint8 tensor (num_frames, H, W, 3), RGB.
-    Raises VideoError (naming the path) for a missing, empty, corrupt or
-    frameless file; the decoders' own exceptions are chained as the cause.
-    """
+    """num_frames frames sampled uniformly over the whole video -> uint8 (num_frames, H, W, 3), RGB.
+    backend: "auto" (decord if importable, else PyAV), "decord" or "pyav". A missing, empty, corrupt
+    or frameless file raises VideoError naming the path (the decoder's exception chained as cause)."""
     path = os.fspath(path)
     if backend == "auto":
         backend = "decord" if HAVE_DECORD else "pyav"
@@ -149,6 +124,31 @@ def load_video(path, num_frames, backend="auto"):
 
 # -----------------------------------------------------------------------------
 # the JSONL dataset format
+
+def build_prompt(question, options=None):
+    """The one prompt template, for training, rollouts and evaluation alike."""
+    text = f"USER: {question.strip()}"
+    if options:
+        text += " Options: " + " ".join(f"({LETTERS[i]}) {option}" for i, option in enumerate(options))
+        text += " Answer with the option's letter."
+    return text + " ASSISTANT:"
+
+
+def clip_pixels(frames, size):
+    """uint8 (B, T, H, W, 3) -> float (B*T, 3, size, size) for a CLIP tower: resize the short side to
+    `size` (bilinear, antialiased), centre crop, CLIP mean/std. Plain torch (no torchvision)."""
+    batch, num_frames, height, width, _ = frames.shape
+    pixels = frames.reshape(batch * num_frames, height, width, 3).permute(0, 3, 1, 2).float() / 255.0
+    scale = size / min(height, width)
+    new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
+    if (new_h, new_w) != (height, width):
+        pixels = F.interpolate(pixels, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
+    top, left = (new_h - size) // 2, (new_w - size) // 2
+    pixels = pixels[:, :, top:top + size, left:left + size]
+    mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
+    return (pixels - mean) / std
+
 
 def stack_frames(videos):
     """list of B uint8 (T, H, W, 3) -> uint8 (B, T, H', W', 3) for one encode_video call.
@@ -412,237 +412,36 @@ def convert_videomme(parquet_or_json, video_dir):
     return rows
 
 
-# -----------------------------------------------------------------------------
-# synthetic video QA: coloured squares on a dark, noisy background
-#
-# The downstream model pools CLIP patch features Video-ChatGPT style: T
-# temporal tokens (mean over the patches of a frame) and S spatial tokens
-# (mean over frames of a patch). Each category is built to survive that:
-# colour and count are in every token, position is in the spatial tokens, and
-# order is in the temporal tokens (which colours a frame contains). Motion
-# direction is not used: patch-mean pooling erases it.
-
-def split_words(text):
-    """Lowercase words with punctuation split off: "How many?" -> ["how", "many", "?"]."""
-    return re.findall(r"[a-z0-9]+|[^\sa-z0-9]", text.lower())
+# ----------------------------------------------------------------------------- command line
+# defaults, overridable as --key=value
+benchmark = ""               # msvd_qa | msrvtt_qa | activitynet_qa | videomme
+annotations = ""             # the annotation file; activitynet_qa: "questions.json,answers.json"
+video_dir = ""
+video_ext = ""               # default: .avi for msvd_qa, .mp4 otherwise
+out = ""                     # the JSONL to write
 
 
-def synthetic_vocab():
-    """Every word of a synthetic question, answer or multiple-choice option,
-    plus the option letters ("a".."d", lowercased like everything else). Sorted."""
-    words = set(LETTERS[:4].lower())
-    for questions in SYNTH_QUESTIONS.values():
-        for q in questions:
-            words.update(split_words(q))
-    for cat in SYNTH_CATEGORIES:
-        words.update(SYNTH_ANSWERS[cat] + SYNTH_EXTRA_DISTRACTORS.get(cat, []))
-    return sorted(words)
+def main(argv):
+    configure(argv, globals())
+    files = [f for f in annotations.split(",") if f]
+    if benchmark not in BENCHMARKS or not files or not video_dir or not out:
+        raise SystemExit(f"usage: python data.py --benchmark={'|'.join(BENCHMARKS)} --annotations=FILE "
+                         "--video_dir=DIR --out=FILE.jsonl")
+    if len(files) != (2 if benchmark == "activitynet_qa" else 1):
+        raise SystemExit(f"--benchmark={benchmark}: expected {2 if benchmark == 'activitynet_qa' else 1} "
+                         f"annotation file(s), got {annotations!r}")
+    ext = video_ext or (".avi" if benchmark == "msvd_qa" else ".mp4")
+    if benchmark == "activitynet_qa":
+        rows = convert_activitynet_qa(files[0], files[1], video_dir, ext)
+    elif benchmark == "videomme":
+        rows = convert_videomme(files[0], video_dir)
+    else:
+        rows = (convert_msvd_qa if benchmark == "msvd_qa" else convert_msrvtt_qa)(files[0], video_dir, ext)
+    write_jsonl(out, rows)
+    load_jsonl(out)  # the converted file must pass the same checks as any other
+    missing = sum(not os.path.isfile(r["video"]) for r in rows)
+    print(f"wrote {len(rows)} samples to {out}" + (f"; {missing} of their videos are not in {video_dir}" if missing else ""))
 
-
-def _place(rng, size, sides, gap):
-    """Top-left corners (y, x) for squares of the given sides, fully inside the
-    frame and at least gap px apart (so that they never merge after a resize)."""
-    for _ in range(1000):
-        corners = [rng.integers(0, size - s + 1, size=2) for s in sides]
-        if all(a[0] + sa + gap <= b[0] or b[0] + sb + gap <= a[0] or
-               a[1] + sa + gap <= b[1] or b[1] + sb + gap <= a[1]
-               for i, (a, sa) in enumerate(zip(corners, sides))
-               for b, sb in zip(corners[i + 1:], sides[i + 1:])):
-            return corners
-    raise RuntimeError(f"cannot place {len(sides)} squares in a {size}px frame")
-
-
-def _make_synthetic(rng, category, answer, num_frames, size):
-    """make_synthetic_video, plus hard distractors for the multiple-choice form."""
-    T, S = num_frames, size
-    if T < 4 or S < 32:
-        raise ValueError(f"synthetic videos need >= 4 frames of >= 32 px, got {T} frames of {S} px")
-    if category not in SYNTH_CATEGORIES:
-        raise ValueError(f"unknown synthetic category {category!r}")
-    answers = SYNTH_ANSWERS[category]
-    answer = answers[rng.integers(len(answers))] if answer is None else answer
-    if answer not in answers:
-        raise ValueError(f"{answer!r} is not a {category} answer")
-    # near-black background: a random dark tint plus static grey noise
-    background = 8 + rng.integers(0, 30, size=3) + rng.normal(0, 4, size=(S, S, 1))
-    frames = np.repeat(np.clip(background, 0, 255).astype(np.uint8)[None], T, axis=0)
-    def rgb(name):  # jittered a little, still far from every other colour
-        return np.clip(np.array(SYNTH_RGB[name]) + rng.integers(-12, 13, size=3), 0, 255)
-    def paint(t, y, x, side, colour):
-        frames[t, y:y + side, x:x + side] = colour
-    hard = []
-    if category == "colour":  # one square, 8-12 px at 64, drifting by up to 1 px/frame
-        side = int(rng.integers(S // 8, 3 * S // 16 + 1))
-        (y, x), (vy, vx), colour = _place(rng, S, [side], 0)[0], rng.integers(-1, 2, size=2), rgb(answer)
-        for t in range(T):
-            paint(t, int(np.clip(y + vy * t, 0, S - side)), int(np.clip(x + vx * t, 0, S - side)), side, colour)
-    elif category == "count":  # 1-3 squares of one colour, 10-14 px at 64, 4 px apart
-        sides = [int(s) for s in rng.integers(5 * S // 32, 7 * S // 32 + 1, size=answers.index(answer) + 1)]
-        colour = rgb(SYNTH_COLOURS[rng.integers(len(SYNTH_COLOURS))])
-        for (y, x), side in zip(_place(rng, S, sides, S // 16), sides):
-            for t in range(T):
-                paint(t, y, x, side, colour)
-    elif category == "position":  # centre within S/4 of its side, within S/8 of the middle line
-        side = int(rng.integers(3 * S // 16, S // 4 + 1))
-        along = int(rng.integers(0, S // 4 - side // 2 + 1))  # distance of the square from its side
-        across = S // 2 - side // 2 + int(rng.integers(-S // 8, S // 8 + 1))
-        far = S - side - along
-        y, x = {"left": (across, along), "right": (across, far),
-                "top": (along, across), "bottom": (far, across)}[answer]
-        colour = rgb(SYNTH_COLOURS[rng.integers(len(SYNTH_COLOURS))])
-        for t in range(T):
-            paint(t, y, x, side, colour)
-    elif category == "order":
-        # The first square (the answer's colour) is there from frame 0 to the
-        # end; the second appears in the second half (frame T/2 .. 3T/4 - 1)
-        # and stays, so the last frames show both.
-        others = [c for c in SYNTH_COLOURS if c != answer]
-        second = others[rng.integers(len(others))]
-        sides = [int(s) for s in rng.integers(S // 8, 3 * S // 16 + 1, size=2)]  # 8-12 px at 64
-        (y1, x1), (y2, x2) = _place(rng, S, sides, S // 16)
-        appear = int(rng.integers(T // 2, max(T // 2, T - 1 - T // 4) + 1))
-        c1, c2 = rgb(answer), rgb(second)
-        for t in range(T):
-            paint(t, y1, x1, sides[0], c1)
-            if t >= appear:
-                paint(t, y2, x2, sides[1], c2)
-        hard = [second]
-    question = SYNTH_QUESTIONS[category][rng.integers(len(SYNTH_QUESTIONS[category]))]
-    return frames, question, answer, hard
-
-
-def make_synthetic_video(rng, category, answer=None, num_frames=8, size=64):
-    """One synthetic clip. rng: numpy Generator; category: one of
-    SYNTH_CATEGORIES; answer: forced answer word (random if None).
-    Returns (frames uint8 (num_frames, size, size, 3), question str, answer str)."""
-    frames, question, answer, _ = _make_synthetic(rng, category, answer, num_frames, size)
-    return frames, question, answer
-
-
-def _write_mp4(path, frames):
-    """uint8 (T, H, W, 3) -> lossless H.264 mp4 (yuv420p), so the decoded pixels are the same on
-    every run and machine; the rename keeps a killed run from leaving half a file."""
-    tmp = f"{path}.tmp{os.getpid()}.mp4"
-    with av.open(tmp, mode="w", format="mp4") as container:
-        stream = container.add_stream("libx264", rate=SYNTH_FPS, options=SYNTH_X264)
-        stream.height, stream.width = frames.shape[1:3]
-        stream.pix_fmt = "yuv420p"
-        stream.codec_context.thread_count = 1
-        for frame in frames:
-            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
-                container.mux(packet)
-        for packet in stream.encode():
-            container.mux(packet)
-    os.replace(tmp, path)
-
-
-def _balanced_plan(n, rng):
-    """n (category, answer) pairs: categories take turns, answers cycle within
-    a category, then the order is shuffled. Counts differ by at most one."""
-    plan = []
-    for i in range(n):
-        category = SYNTH_CATEGORIES[i % len(SYNTH_CATEGORIES)]
-        answers = SYNTH_ANSWERS[category]
-        plan.append((category, answers[(i // len(SYNTH_CATEGORIES)) % len(answers)]))
-    return [plan[j] for j in rng.permutation(n)]
-
-
-def _multiple_choice(row, hard, rng):
-    """The same sample with 4 options: the answer, the hard distractors (the
-    other colour of an order clip), then random words of the category."""
-    pool = SYNTH_ANSWERS[row["category"]] + SYNTH_EXTRA_DISTRACTORS.get(row["category"], [])
-    rest = [w for w in pool if w != row["answer"] and w not in hard]
-    distractors = hard + [str(w) for w in rng.choice(rest, 3 - len(hard), replace=False)]
-    options = [str(w) for w in rng.permutation([row["answer"]] + distractors)]
-    return dict(row, options=options, answer=LETTERS[options.index(row["answer"])])
-
-
-def make_synthetic_dataset(out_dir, num_train=2000, num_eval=300, seed=0, num_frames=8, size=64):
-    """Writes out_dir/videos/*.mp4, train.jsonl, eval.jsonl (open-ended, one-word
-    answers) and eval_mc.jsonl (the eval questions with 4 options, answer = letter).
-    Deterministic in seed; video paths in the JSONL are relative to out_dir.
-    Returns {"train": path, "eval": path, "eval_mc": path} right away when
-    out_dir already holds complete data for the same parameters: meta.json is
-    written last, so its presence means the run finished."""
-    params = {"version": SYNTH_VERSION, "num_train": num_train, "num_eval": num_eval,
-              "seed": seed, "num_frames": num_frames, "size": size}
-    paths = {split: os.path.join(out_dir, f"{split}.jsonl") for split in ("train", "eval", "eval_mc")}
-    meta_path = os.path.join(out_dir, "meta.json")
-    video_names = [f"{split}_{i:06d}.mp4" for split, n in (("train", num_train), ("eval", num_eval))
-                   for i in range(n)]
-    if os.path.isfile(meta_path):
-        with open(meta_path) as f:
-            same = json.load(f) == params
-        if same and all(map(os.path.isfile, paths.values())) and \
-                set(video_names) <= set(os.listdir(os.path.join(out_dir, "videos"))):
-            return paths
-        os.remove(meta_path)  # parameters changed or data incomplete: regenerate
-    os.makedirs(os.path.join(out_dir, "videos"), exist_ok=True)
-    rows = {"train": [], "eval": [], "eval_mc": []}
-    with tqdm(total=num_train + num_eval, desc="synthetic videos", disable=None) as bar:
-        for split_id, (split, n) in enumerate((("train", num_train), ("eval", num_eval))):
-            plan = _balanced_plan(n, np.random.default_rng([seed, split_id, 0]))
-            for i, (category, answer) in enumerate(plan):
-                # one generator per clip: a clip does not depend on the ones before it
-                rng = np.random.default_rng([seed, split_id, 1, i])
-                frames, question, answer, hard = _make_synthetic(rng, category, answer, num_frames, size)
-                video = f"videos/{split}_{i:06d}.mp4"
-                _write_mp4(os.path.join(out_dir, video), frames)
-                row = {"id": f"{split}-{i:06d}", "video": video, "question": question,
-                       "answer": answer, "category": category}
-                rows[split].append(row)
-                if split == "eval":
-                    rows["eval_mc"].append(_multiple_choice(row, hard, np.random.default_rng([seed, 2, i])))
-                bar.update()
-    for split, path in paths.items():
-        write_jsonl(path, rows[split])
-    tmp = f"{meta_path}.tmp{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(params, f)
-    os.replace(tmp, meta_path)
-    return paths
-
-
-# -----------------------------------------------------------------------------
 
 if __name__ == "__main__":
-    import argparse
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    p = sub.add_parser("synth", help="generate the synthetic video-QA dataset")
-    p.add_argument("--out", default="data/synth")
-    p.add_argument("--num_train", type=int, default=2000)
-    p.add_argument("--num_eval", type=int, default=300)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--num_frames", type=int, default=8)
-    p.add_argument("--size", type=int, default=64)
-    p = sub.add_parser("convert", help="convert published annotations to this project's JSONL")
-    p.add_argument("--format", required=True, choices=["msvd_qa", "msrvtt_qa", "activitynet_qa", "videomme"])
-    p.add_argument("--annotations", required=True, nargs="+",
-                   help="annotation file; for activitynet_qa the question file then the answer file")
-    p.add_argument("--video_dir", required=True)
-    p.add_argument("--video_ext", default=None, help="default: .avi for msvd_qa, .mp4 otherwise")
-    p.add_argument("--out", required=True)
-    args = parser.parse_args()
-
-    if args.command == "synth":
-        paths = make_synthetic_dataset(args.out, args.num_train, args.num_eval, args.seed,
-                                       args.num_frames, args.size)
-        print("\n".join(f"{split}: {path}" for split, path in paths.items()))
-    else:
-        files = args.annotations
-        ext = args.video_ext or (".avi" if args.format == "msvd_qa" else ".mp4")
-        if len(files) != (2 if args.format == "activitynet_qa" else 1):
-            parser.error(f"--format={args.format}: wrong number of annotation files")
-        if args.format == "activitynet_qa":
-            rows = convert_activitynet_qa(files[0], files[1], args.video_dir, ext)
-        elif args.format == "videomme":
-            rows = convert_videomme(files[0], args.video_dir)
-        else:
-            convert = convert_msvd_qa if args.format == "msvd_qa" else convert_msrvtt_qa
-            rows = convert(files[0], args.video_dir, ext)
-        write_jsonl(args.out, rows)
-        load_jsonl(args.out)  # the converted file must pass the same checks as any other
-        missing = sum(not os.path.isfile(r["video"]) for r in rows)
-        print(f"wrote {len(rows)} samples to {args.out}"
-              + (f"; {missing} of their videos are not in {args.video_dir}" if missing else ""))
+    main(sys.argv[1:])

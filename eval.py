@@ -16,8 +16,7 @@ Evaluation of a policy checkpoint: the paper's two protocols (Sec. 5) plus exact
     python eval.py --checkpoint=out/rl --data=data/synth/eval_mc.jsonl          # mc (options present)
     python eval.py --checkpoint=out/rl --data=msvd.jsonl --task=open --judge_model=NAME \\
         --judge_base_url=http://localhost:8000/v1
-    python eval.py --compare out/sft/eval/videomme_mc_results.json out/rl/eval/videomme_mc_results.json
-                                                                        # delta = second - first
+    python eval.py --compare=sft/eval/videomme_mc_results.json,rl/eval/videomme_mc_results.json  # B - A
 
 Every sample's prediction goes to a JSONL file as soon as its batch is done, so an interrupted run
 continues with --resume (the final metrics cover every line of the file). A video that cannot be
@@ -27,23 +26,23 @@ Under torch.distributed (torchrun, or called from train.py) each rank evaluates 
 every rank makes the same number of encode_video / generate calls (an FSDP-sharded model needs all
 ranks in every forward); rank 0 alone writes files, and all ranks return the same results.
 """
-import argparse
 import functools
 import json
 import logging
 import math
 import os
-import re
 import sys
 
 import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from data import LETTERS, load_jsonl, read_videos, write_jsonl
+from answers import extract_choice, is_unanswered, normalize_answer
+from configurator import all_finished, configure, rank_and_world, setup_distributed
+from data import load_jsonl, read_videos, write_jsonl
+from judge import JUDGE_BACKOFF, JUDGE_BASE_URL, JUDGE_MAX_RETRIES, Judge, JudgeError
 from model import VideoLM
-from oracle import (JUDGE_BACKOFF, JUDGE_BASE_URL, JUDGE_MAX_RETRIES, JudgeOracle, OracleError,
-                    extract_choice, normalize_answer, reference_letter, run_many)
+from oracle import OracleError, reference_letter, run_many
 
 log = logging.getLogger("eval")
 
@@ -51,15 +50,6 @@ TASKS = ("exact", "open", "mc")
 DEFAULT_MAX_NEW_TOKENS = {"exact": 8, "mc": 5, "open": 64}
 DEFAULT_TEMPERATURE = {"exact": 0.0, "mc": 0.0, "open": 0.2}   # 0 = greedy (the anchors' protocols)
 JUDGE_WORKERS = 8              # concurrent judge requests per batch (they are independent)
-MC_UNANSWERED_WORDS = 10       # Video-MME: more words than this and no letter = unanswered
-# Lead-ins stripped before the letter is read (Video-MME's list, plus the hedges small models add).
-# Stripped repeatedly from the start, longest first, so "I think the answer is B" -> "B".
-MC_LEAD_INS = sorted([
-    "the best answer is", "the correct answer is", "the right answer is", "the final answer is",
-    "the answer is", "the answer", "the best option is", "the correct option is", "the option is",
-    "best answer:", "best option:", "correct answer:", "final answer:", "answer:", "option:",
-    "my answer is", "i think", "i believe", "i'd say", "i would say", "it's", "it is", "that's",
-    "that is", "so", "well"], key=len, reverse=True)
 # Table order of the paper's Video-MME categories and durations; other names follow, sorted.
 VIDEOMME_CATEGORIES = [
     "Temporal Perception", "Spatial Perception", "Attribute Perception", "Action Recognition",
@@ -69,36 +59,6 @@ DURATIONS = ["short", "medium", "long"]
 
 # -----------------------------------------------------------------------------
 # scoring one prediction
-
-
-def strip_lead_in(reply):
-    """str -> str without lead-ins: "I think it's A." -> "A.", "The best answer is (B) cat" -> "(B) cat"."""
-    text = reply.strip()
-    while True:
-        low = text.lower()
-        for lead in MC_LEAD_INS:
-            # whole words only: "so" must not eat the start of "some"
-            if low.startswith(lead) and (len(low) == len(lead) or not low[len(lead)].isalnum()):
-                text = text[len(lead):].lstrip(" \t\n:,-")
-                break
-        else:
-            return text
-
-
-def mc_choice(reply, options):
-    """Video-MME's answer extraction. reply: str, options: list[str] -> (letter or None, unanswered).
-    The letter comes from oracle.extract_choice after the lead-in is stripped; with no letter, a reply
-    of more than MC_UNANSWERED_WORDS words (counted after the lead-in, as Video-MME does) is
-    unanswered. Both a missing letter and an unanswered reply are wrong."""
-    text = strip_lead_in(reply)
-    letter = extract_choice(text, options) or extract_choice(reply, options)
-    if letter is None and text != reply.strip():
-        # right after a lead-in, an uppercase letter opening the rest answers: "It's B because ..."
-        # (extract_choice reads a letter in running text only after answer / option / choice)
-        after = re.match(rf"\(?([{LETTERS[:len(options)]}])\)?(?:\s|$)", text)
-        letter = after.group(1) if after else None
-    return letter, letter is None and len(text.split()) > MC_UNANSWERED_WORDS
-
 
 def base_record(sample, task):
     """The fields every predictions line shares; category / duration only when the sample has them."""
@@ -124,14 +84,15 @@ def score_records(samples, predictions, errors, task, judge=None):
         if task == "exact":
             record["correct"] = normalize_answer(pred["prediction"]) == normalize_answer(sample["answer"])
         elif task == "mc":
-            letter, unanswered = mc_choice(pred["prediction"], sample["options"])
-            record.update(choice=letter, correct=letter == reference_letter(sample), unanswered=unanswered)
+            letter = extract_choice(pred["prediction"], sample["options"])
+            record.update(choice=letter, correct=letter == reference_letter(sample),
+                          unanswered=letter is None and is_unanswered(pred["prediction"]))
     to_judge = [r for r in records if not r.get("skipped")] if task == "open" else []
     if to_judge:
         jobs = [functools.partial(judge.judge_answer, r["question"], r["answer"], r["prediction"])
                 for r in to_judge]
-        for record, verdict in zip(to_judge, run_many(jobs, JUDGE_WORKERS)):
-            if isinstance(verdict, OracleError):
+        for record, verdict in zip(to_judge, run_many(jobs, JUDGE_WORKERS, errors=(JudgeError, OracleError))):
+            if isinstance(verdict, (JudgeError, OracleError)):
                 log.warning("sample %s: no valid judge verdict, counted invalid: %s", record["id"], verdict)
                 record.update(verdict=None, score=None, invalid=True, error=str(verdict))
             else:
@@ -141,7 +102,6 @@ def score_records(samples, predictions, errors, task, judge=None):
 
 # -----------------------------------------------------------------------------
 # metrics
-
 
 def group_metrics(records, task):
     """Accuracy of a list of (non-skipped) records: {"accuracy", "n"} plus "score", "invalid" (open).
@@ -178,7 +138,6 @@ def summarize(records, task):
 # -----------------------------------------------------------------------------
 # generation
 
-
 def generate_batch(policy, samples, max_new_tokens, temperature, generator, always=False):
     """One encode_video + one generate for a batch. samples: list[dict] ->
     (list of {"prediction", "truncated"} | None per sample (None: the video failed to load), errors:
@@ -198,7 +157,7 @@ def generate_batch(policy, samples, max_new_tokens, temperature, generator, alwa
     prompt_ids, prompt_mask = policy.encode_prompts(prompts)
     ids, mask, truncated = policy.generate(features, prompt_ids, prompt_mask, group_size=1,
                                            max_new_tokens=max_new_tokens, temperature=temperature,
-                                           greedy=temperature == 0, generator=generator)
+                                           greedy=temperature == 0, generator=generator, all_finished=all_finished)
     texts = policy.decode(ids, mask)
     by_id = {s["id"]: {"prediction": text, "truncated": bool(cut)}
              for s, text, cut in zip(loaded, texts, truncated.tolist())}
@@ -207,7 +166,6 @@ def generate_batch(policy, samples, max_new_tokens, temperature, generator, alwa
 
 # -----------------------------------------------------------------------------
 # the predictions file
-
 
 def read_predictions(path, task):
     """Records of an earlier run, {id: record}; a later line for an id replaces an earlier one.
@@ -239,16 +197,8 @@ def is_complete(record):
     return not record.get("skipped") and not record.get("invalid")
 
 
-def distributed():
-    """(rank, world_size); (0, 1) without torch.distributed."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
 # -----------------------------------------------------------------------------
 # the library entry point (train.py, sft.py)
-
 
 def evaluate(policy, samples, task="exact", batch_size=32, max_new_tokens=None, temperature=None,
              judge=None, predictions_path=None, resume=False, seed=0, progress=True):
@@ -275,7 +225,7 @@ def evaluate(policy, samples, task="exact", batch_size=32, max_new_tokens=None, 
         raise ValueError("sample ids must be unique (predictions are matched by id)")
     max_new_tokens = DEFAULT_MAX_NEW_TOKENS[task] if max_new_tokens is None else max_new_tokens
     temperature = DEFAULT_TEMPERATURE[task] if temperature is None else temperature
-    rank, world = distributed()
+    rank, world = rank_and_world()
 
     # what an earlier run finished: rank 0 reads the file, every rank gets the same copy (or error)
     done, error = {}, None
@@ -337,7 +287,6 @@ def evaluate(policy, samples, task="exact", batch_size=32, max_new_tokens=None, 
 
 # -----------------------------------------------------------------------------
 # tables (paper Tables 1 and 2)
-
 
 def table_rows(results):
     """[(label, metrics)]: categories, then durations, then the overall row."""
@@ -413,7 +362,6 @@ def comparison_names(a, b):
 # -----------------------------------------------------------------------------
 # command line
 
-
 def default_predictions_path(checkpoint, data_path, task):
     """<checkpoint>/eval/<data file stem>_<task>_predictions.jsonl"""
     stem = os.path.splitext(os.path.basename(data_path))[0]
@@ -426,75 +374,71 @@ def default_results_path(predictions_path):
     return (base[:-len("_predictions")] if base.endswith("_predictions") else base) + "_results.json"
 
 
-def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--checkpoint", help="a directory written by VideoLM.save")
-    parser.add_argument("--data", help="dataset JSONL (data.py format)")
-    parser.add_argument("--task", choices=TASKS, default=None, help="default: mc when the data has options, else exact")
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--max_new_tokens", type=int, default=None, help=f"default per task: {DEFAULT_MAX_NEW_TOKENS}")
-    parser.add_argument("--temperature", type=float, default=None, help=f"default per task: {DEFAULT_TEMPERATURE}")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--limit", type=int, default=0, help="evaluate only the first N samples (0: all)")
-    parser.add_argument("--predictions", default=None, help="default: <checkpoint>/eval/<data>_<task>_predictions.jsonl")
-    parser.add_argument("--out", default=None, help="results JSON; default: beside the predictions")
-    parser.add_argument("--resume", action="store_true", help="keep the predictions already in the file")
-    parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    parser.add_argument("--dtype", default=None, help="override the checkpoint's dtype (e.g. bfloat16)")
-    parser.add_argument("--judge_base_url", default=JUDGE_BASE_URL)
-    parser.add_argument("--judge_model", default=None)
-    parser.add_argument("--judge_api_key_env", default="OPENAI_API_KEY", help="the env variable holding the key")
-    parser.add_argument("--judge_max_retries", type=int, default=JUDGE_MAX_RETRIES)
-    parser.add_argument("--judge_backoff", type=float, default=JUDGE_BACKOFF, help="first retry delay, seconds")
-    parser.add_argument("--compare", nargs=2, metavar=("A.json", "B.json"),
-                        help="print two results side by side, delta = B - A")
-    parser.add_argument("--quiet", action="store_true", help="no progress bar")
-    args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+# defaults of the command line, overridable as --key=value
+checkpoint = ""              # a directory written by VideoLM.save
+data = ""                    # dataset JSONL (data.py format)
+task = ""                    # exact | open | mc; default: mc when the data has options, else exact
+batch_size = 32
+max_new_tokens = 0           # 0: the task's default (DEFAULT_MAX_NEW_TOKENS)
+temperature = -1.0           # < 0: the task's default (DEFAULT_TEMPERATURE; 0 = greedy)
+seed = 0
+limit = 0                    # evaluate only the first N samples (0: all)
+predictions = ""             # default: <checkpoint>/eval/<data>_<task>_predictions.jsonl
+out = ""                     # results JSON; default: beside the predictions
+resume = False               # keep the predictions already in the file
+dtype = ""                   # override the checkpoint's dtype (e.g. bfloat16)
+device = ""                  # default: cuda when there is one (under torchrun: this process's GPU), else cpu
+judge_base_url = JUDGE_BASE_URL
+judge_model = ""
+judge_api_key_env = "OPENAI_API_KEY"   # the environment variable holding the key
+judge_max_retries = JUDGE_MAX_RETRIES
+judge_backoff = JUDGE_BACKOFF          # first retry delay, seconds
+compare = ""                 # "A.json,B.json": print two results side by side, delta = B - A
+quiet = False                # no progress bar
 
-    if args.compare:
-        a, b = (json.load(open(path)) for path in args.compare)
+
+def main(argv):
+    configure(argv, globals())
+    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    if compare:
+        paths = compare.split(",")
+        if len(paths) != 2:
+            raise SystemExit(f"--compare expects A.json,B.json, got {compare!r}")
+        a, b = (json.load(open(path)) for path in paths)
         names = comparison_names(a, b)
         print(format_comparison(a, b, names))
-        print("\n".join(f"{name}: {path}" for name, path in zip(names, args.compare)))
+        print("\n".join(f"{name}: {path}" for name, path in zip(names, paths)))
         return 0
-    if not args.checkpoint or not args.data:
-        parser.error("--checkpoint and --data are required (or --compare A.json B.json)")
-    samples = load_jsonl(args.data)
-    if args.limit:
-        samples = samples[:args.limit]
-    task = args.task or ("mc" if any(s.get("options") for s in samples) else "exact")
+    if not checkpoint or not data:
+        raise SystemExit("usage: python eval.py --checkpoint=DIR --data=FILE.jsonl [--task=exact|open|mc] "
+                         "(or --compare=A.json,B.json)")
+    samples = load_jsonl(data)[:limit or None]
+    task_ = task or ("mc" if any(s.get("options") for s in samples) else "exact")
+    if task_ not in TASKS:
+        raise SystemExit(f"--task must be one of {TASKS}, got {task!r}")
     judge = None
-    if task == "open":
-        if not args.judge_model:
-            parser.error("--task=open needs a judge: --judge_model (and --judge_base_url, --judge_api_key_env)")
-        judge = JudgeOracle(base_url=args.judge_base_url, model=args.judge_model,
-                            api_key_env=args.judge_api_key_env, max_retries=args.judge_max_retries,
-                            backoff=args.judge_backoff)
+    if task_ == "open":
+        if not judge_model:
+            raise SystemExit("--task=open needs a judge: --judge_model (and --judge_base_url, --judge_api_key_env)")
+        judge = Judge(base_url=judge_base_url, model=judge_model, api_key_env=judge_api_key_env,
+                      max_retries=judge_max_retries, backoff=judge_backoff)
 
     # torchrun: one model replica per GPU, each evaluating a shard
-    device = args.device
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        dist.init_process_group("nccl" if device.startswith("cuda") else "gloo")
-        if device.startswith("cuda"):
-            device = f"cuda:{int(os.environ.get('LOCAL_RANK', 0))}"
-            torch.cuda.set_device(device)
-    policy = VideoLM.load(args.checkpoint, **({"dtype": args.dtype} if args.dtype else {})).to(device)
-
-    predictions = args.predictions or default_predictions_path(args.checkpoint, args.data, task)
-    out = args.out or default_results_path(predictions)
-    results = evaluate(policy, samples, task=task, batch_size=args.batch_size,
-                       max_new_tokens=args.max_new_tokens, temperature=args.temperature, judge=judge,
-                       predictions_path=predictions, resume=args.resume, seed=args.seed,
-                       progress=not args.quiet)
-    if distributed()[0] == 0:
-        results.update(checkpoint=args.checkpoint, data=args.data, predictions=predictions)
-        os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-        with open(out + ".tmp", "w") as f:
+    rank, _, default_device = setup_distributed()
+    policy = VideoLM.load(checkpoint, **({"dtype": dtype} if dtype else {})).to(device or default_device)
+    predictions_path = predictions or default_predictions_path(checkpoint, data, task_)
+    out_path = out or default_results_path(predictions_path)
+    results = evaluate(policy, samples, task=task_, batch_size=batch_size, max_new_tokens=max_new_tokens or None,
+                       temperature=temperature if temperature >= 0 else None, judge=judge,
+                       predictions_path=predictions_path, resume=resume, seed=seed, progress=not quiet)
+    if rank == 0:
+        results.update(checkpoint=checkpoint, data=data, predictions=predictions_path)
+        os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)
+        with open(out_path + ".tmp", "w") as f:
             json.dump(results, f, indent=2)
-        os.replace(out + ".tmp", out)
-        print_results(results, title=f"{task}: {args.checkpoint} on {args.data}")
-        print(f"predictions: {predictions}\nresults: {out}")
+        os.replace(out_path + ".tmp", out_path)
+        print_results(results, title=f"{task_}: {checkpoint} on {data}")
+        print(f"predictions: {predictions_path}\nresults: {out_path}")
     if dist.is_initialized():
         dist.barrier()      # no rank leaves while rank 0 still writes (gloo aborts on a closed peer)
         dist.destroy_process_group()
@@ -502,4 +446,4 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

@@ -1,9 +1,16 @@
 """
-Does GRPO_rank learn? Every advantage from the SAME SFT warm start, same steps, several seeds,
-under two Oracles; writes results/ablation.json, results/curves.png and a README-ready table.
+Does GRPO_rank learn? Two studies.
 
-$ python experiments.py                  # everything (a few hours on 2 cores); finished runs are skipped
+$ python experiments.py --study=bandit   # each advantage in a bandit (seconds): what it does to a policy
+$ python experiments.py                  # the video ablation (hours on 2 cores); finished runs are skipped
 $ python experiments.py --report=True    # only collect finished runs, plot and print the tables
+
+The bandit: a softmax policy over `num_answers` answers of known quality; each step samples G answers
+for each of `batch` prompts, an Oracle ranks them by quality (equal answers tie), and one Adam step
+is taken on grpo_rank_loss. It prints expected quality / best quality before and after.
+
+The video ablation: every advantage from the SAME SFT warm start, same steps, several seeds, under two
+Oracles; writes results/ablation.json, results/curves.png and a README-ready table.
 
 Runs (each is `python train.py ...` in its own process, output in results/runs/<name>/):
   main:     advantage paper | lambda | rank_reward  x  oracle reference | graded  x  seeds
@@ -17,7 +24,13 @@ import subprocess
 import sys
 import time
 
+import torch
+
+from configurator import configure
+from grpo_rank import BOUNDS, DCG_KINDS, grpo_rank_loss, rank_advantages, ranks_from_scores
+
 # -----------------------------------------------------------------------------
+study = "video"            # "video" | "bandit"
 out_dir = "results"
 seeds = "0,1,2"
 max_steps = 200
@@ -175,9 +188,49 @@ def plot(rows, path):
     fig.savefig(path, dpi=90)
 
 
+def bandit(method="lambda", dcg_kind="eq10", bound="symmetric", steps=300, num_answers=10,
+           group_size=5, batch=8, lr=0.05, seed=0):
+    """Returns (start, end): expected quality / best quality before and after training."""
+    gen = torch.Generator().manual_seed(seed)
+    quality = torch.randperm(num_answers, generator=gen).to(torch.get_default_dtype()) / (num_answers - 1)
+    logits = torch.randn(num_answers, generator=gen).requires_grad_()
+    optimizer = torch.optim.Adam([logits], lr=lr)
+    expected = lambda: (torch.softmax(logits.detach(), -1) * quality).sum().item()
+    start = expected()
+    for _ in range(steps):
+        log_probs = torch.log_softmax(logits, -1)
+        answers = torch.multinomial(log_probs.detach().exp(), batch * group_size, replacement=True,
+                                    generator=gen).view(batch, group_size)
+        oracle_rank = ranks_from_scores(quality[answers])
+        logp = log_probs[answers]                                        # (B, G) = seq_logp, one token
+        advantages = rank_advantages(oracle_rank, logp, method, dcg_kind, bound)
+        loss, _ = grpo_rank_loss(logp.view(-1, 1), logp.detach().view(-1, 1), None,
+                                 advantages.view(-1), torch.ones(batch * group_size, 1), beta=0.0)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return start, expected()
+
+
+def bandit_table(seeds_=range(5)):
+    print(f"bandit: 10 answers, G=5, 8 groups/step, 300 Adam steps, {len(seeds_)} seeds; "
+          "expected quality / best (1.0 = always the best answer)")
+    print(f"{'method':<12} {'dcg_kind':<8} {'bound':<10} {'start':>6} {'end':>6}  {'min..max over seeds':>20}")
+    variants = [("lambda", "eq10", "symmetric"), ("rank_reward", "eq10", "symmetric")]
+    variants += [("paper", kind, bound) for kind in DCG_KINDS for bound in BOUNDS]
+    for method, kind, bound in variants:
+        runs = [bandit(method, kind, bound, seed=seed) for seed in seeds_]
+        starts, ends = [s for s, _ in runs], [e for _, e in runs]
+        print(f"{method:<12} {kind:<8} {bound:<10} {sum(starts) / len(runs):6.3f} "
+              f"{sum(ends) / len(runs):6.3f}  {min(ends):9.3f} .. {max(ends):.3f}")
+
+
 def main(argv):
-    from train import configure
     configure(argv, globals())
+    if study not in ("video", "bandit"):
+        raise SystemExit(f"--study must be video or bandit, got {study!r}")
+    if study == "bandit":
+        return bandit_table()
     os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
     runs = plan()
     if not report:

@@ -1,34 +1,24 @@
 """
-GRPO_rank: rank-based advantages and the clipped GRPO loss (Oracle-RLAIF, Sec. 4).
+GRPO_rank: rank-based advantages and the clipped GRPO loss (Oracle-RLAIF, Sec. 4). An Oracle ranks
+the G responses the policy sampled for one prompt; this file turns those ranks into advantages and
+the advantages into a loss. Pure torch, no project imports: copy it.
 
-An Oracle ranks the G responses the policy sampled for one prompt. This file turns
-those ranks into advantages and the advantages into a loss. Pure torch, no project
-imports: copy it into any trainer.
-
-Conventions: ranks are integer tensors, 0 = best, shape (B, G) for B prompts with G
-responses each. Ties share the best rank of their tie group (competition ranking).
-
+Ranks are integer tensors, 0 = best, shape (B, G) for B prompts with G responses each; ties share
+the best rank of their tie group (competition ranking: scores 9, 7, 7, 3 give ranks 0, 1, 1, 3).
 The paper is inconsistent in places; every choice is a keyword:
-  dcg_kind  "eq10"   1 / log2(2 + r)                 (Eq. 10, the default)
-            "eq11"   1 / ((1 + r) log2(2 + r))       (Eq. 11)
-            "table3" log2(2 + r) / (1 + r)           (the only one matching Table 3)
-  bound     "symmetric" min/max of the two DCGs, so delta is in [0, 1) as the paper states
-            "literal"   DCG(pred) / DCG(true) as printed in Eq. 9 (can exceed 1)
-  method    "lambda"      LambdaRank-style pairwise advantage (the default, see below)
-            "paper"       Eq. 7-8 exactly as printed, on Eq. 9's penalty under `bound`
-                          (bound="literal" for Eq. 9 as printed too)
-            "rank_reward" standard GRPO (Eq. 5) on the reward (G-1-rank)/(G-1)
-Why "lambda" is the default: the paper's advantage rewards a response for the policy's
-own ranking *agreeing* with the Oracle's, not for being good. An unlikely wrong answer
-"agrees" with its low Oracle rank and is pushed up; a correct answer the policy ranks
-second is pushed down. Run `python grpo_rank.py` to watch it happen in a bandit.
+  dcg_kind  "eq10" 1/log2(2+r) (Eq. 10, default) | "eq11" 1/((1+r) log2(2+r)) (Eq. 11)
+            | "table3" log2(2+r)/(1+r) (the only one matching Table 3)
+  bound     "symmetric" min/max of the two DCGs, delta in [0, 1) as the paper states (default)
+            | "literal" DCG(pred)/DCG(true) as printed in Eq. 9 (can exceed 1)
+  method    "lambda" LambdaRank-style pairwise advantage (default) | "paper" Eq. 7-8 as printed,
+            on Eq. 9's penalty under `bound` | "rank_reward" GRPO (Eq. 5) on (G-1-rank)/(G-1)
+The paper's advantage rewards the policy's own ranking *agreeing* with the Oracle's, not quality:
+`python experiments.py --study=bandit` shows it fail where "lambda" and "rank_reward" learn.
 """
 import torch
 
-DCG_KINDS = ("eq10", "eq11", "table3")
-BOUNDS = ("symmetric", "literal")
+DCG_KINDS, BOUNDS, AGGS = ("eq10", "eq11", "table3"), ("symmetric", "literal"), ("sequence", "token")
 METHODS = ("lambda", "paper", "rank_reward")
-AGGS = ("sequence", "token")
 
 
 def _check_choice(name, value, choices):
@@ -57,11 +47,8 @@ def dcg(rank, kind="eq10"):
 
 
 def ranks_from_scores(scores):
-    """Competition ranks, higher score = better. scores: (B, G) float -> (B, G) long.
-
-    The rank of response i is the number of responses with a strictly higher score, so
-    scores 9, 7, 7, 3 give ranks 0, 1, 1, 3. This is the position of i in the descending
-    order (Algorithm 1 line 9's "argsort_desc" read as a rank, not as the argsort itself)."""
+    """Competition ranks, higher score = better: (B, G) float -> (B, G) long. The rank of i is the
+    number of strictly higher scores, its position in Algorithm 1 line 9's "argsort_desc"."""
     if scores.dim() != 2:
         raise ValueError(f"scores must have shape (B, G), got {tuple(scores.shape)}")
     return (scores.unsqueeze(1) > scores.unsqueeze(2)).sum(-1)   # [b, i] = #{j : s_j > s_i}
@@ -73,60 +60,51 @@ def ndcg_penalty(policy_rank, oracle_rank, dcg_kind="eq10", bound="symmetric"):
     if policy_rank.shape != oracle_rank.shape or policy_rank.dim() != 2:
         raise ValueError(f"policy_rank {tuple(policy_rank.shape)} and oracle_rank "
                          f"{tuple(oracle_rank.shape)} must both have shape (B, G)")
-    group_size = oracle_rank.shape[1]
-    _check_ranks("policy_rank", policy_rank, group_size)
-    _check_ranks("oracle_rank", oracle_rank, group_size)
+    _check_ranks("policy_rank", policy_rank, oracle_rank.shape[1])
+    _check_ranks("oracle_rank", oracle_rank, oracle_rank.shape[1])
     dcg_pred, dcg_true = dcg(policy_rank, dcg_kind), dcg(oracle_rank, dcg_kind)
     if bound == "literal":
-        ndcg = dcg_pred / dcg_true                 # Eq. 9 as printed: > 1 when the policy ranks i higher
-    else:
-        ndcg = torch.minimum(dcg_pred, dcg_true) / torch.maximum(dcg_pred, dcg_true)  # in (0, 1]
-    return 1.0 - ndcg
+        return 1.0 - dcg_pred / dcg_true           # Eq. 9 as printed: > 1 when the policy ranks i higher
+    return 1.0 - torch.minimum(dcg_pred, dcg_true) / torch.maximum(dcg_pred, dcg_true)
 
 
 def group_ndcg(policy_rank, oracle_rank, dcg_kind="eq10"):
-    """nDCG of the policy's ordering of a group, with gains DCG(oracle_rank).
-    (B, G), (B, G) -> (B,); 1 when the policy orders the group as the Oracle does."""
+    """nDCG of the policy's ordering of a group (1: as the Oracle orders it): (B, G), (B, G) -> (B,)."""
     gain = dcg(oracle_rank, dcg_kind)
     return (gain * dcg(policy_rank, dcg_kind)).sum(-1) / (gain * gain).sum(-1)
 
 
 def rank_advantages(oracle_rank, seq_logp, method="lambda", dcg_kind="eq10", bound="symmetric"):
-    """Advantages from Oracle ranks. oracle_rank: (B, G) long, seq_logp: (B, G) float
-    (l_i of Algorithm 1 line 8) -> advantages (B, G) float, no gradient, zero-sum per group.
+    """Advantages from Oracle ranks. oracle_rank: (B, G) long; seq_logp: (B, G) float, l_i of
+    Algorithm 1 line 8 -> advantages (B, G) float, no gradient, zero-sum per group.
     Ranks with ties are read as competition ranks (dense ranks 0, 0, 1 become 0, 0, 2)."""
-    _check_choice("method", method, METHODS)
-    _check_choice("dcg_kind", dcg_kind, DCG_KINDS)
-    _check_choice("bound", bound, BOUNDS)
+    for name, value, choices in (("method", method, METHODS), ("dcg_kind", dcg_kind, DCG_KINDS), ("bound", bound, BOUNDS)):
+        _check_choice(name, value, choices)
     if oracle_rank.dim() != 2 or seq_logp.shape != oracle_rank.shape:
         raise ValueError(f"oracle_rank {tuple(oracle_rank.shape)} and seq_logp "
                          f"{tuple(seq_logp.shape)} must both have shape (B, G)")
     group_size = oracle_rank.shape[1]
     _check_ranks("oracle_rank", oracle_rank, group_size)
-    oracle_rank = ranks_from_scores(-oracle_rank.to(torch.get_default_dtype()))   # dense 0,0,1 -> competition 0,0,2
+    oracle_rank = ranks_from_scores(-oracle_rank.to(torch.get_default_dtype()))   # dense -> competition
     seq_logp = seq_logp.detach().to(torch.get_default_dtype())
     if not torch.isfinite(seq_logp).all():
         raise ValueError("seq_logp must be finite, got NaN or inf")
     policy_rank = ranks_from_scores(seq_logp)      # Algorithm 1 line 9
 
-    if method == "paper":   # note: with G = 2 and the symmetric bound both deltas are equal, so A = 0
+    if method == "paper":   # with G = 2 and the symmetric bound both deltas are equal, so A = 0
         delta = ndcg_penalty(policy_rank, oracle_rank, dcg_kind, bound)   # Eq. 9
         return delta.mean(-1, keepdim=True) - delta                       # Eq. 7-8
 
-    if method == "rank_reward":
+    if method == "rank_reward":   # Eq. 5: (r - mean) / std per group; 0 where the group is all tied
         reward = (group_size - 1 - oracle_rank).to(seq_logp.dtype) / max(group_size - 1, 1)
-        std = reward.std(-1, keepdim=True) if group_size > 1 else torch.zeros_like(reward[:, :1])
-        centred = reward - reward.mean(-1, keepdim=True)
-        return torch.where(std > 0, centred / std.clamp(min=1e-8), torch.zeros_like(centred))  # Eq. 5
+        centred, std = reward - reward.mean(-1, keepdim=True), reward.std(-1, keepdim=True).nan_to_num(0.0)
+        return torch.where(std > 0, centred / std.clamp(min=1e-8), torch.zeros_like(centred))
 
     # lambda: for every pair (i, j) the Oracle orders i above j, push i up and j down by
-    #   lambda_ij = |Delta nDCG_ij| * sigmoid(l_j - l_i),
-    # where |Delta nDCG_ij| is how much the group's nDCG would change if the policy swapped
-    # i and j (gains DCG(oracle rank), discounts DCG(policy rank), as in the paper's Eq. 9-10),
-    # so mistakes near the top weigh most; the sigmoid is ~1 for a mis-ordered pair (false
-    # promotion of the worse response), 1/2 for a tie and fades as the pair becomes well ordered.
-    # Not normalised: |A| is typically 0.03-0.2, smaller than rank_reward's unit scale, which
-    # matters for the weight of beta's KL term when copying this elsewhere.
+    # lambda_ij = |Delta nDCG_ij| * sigmoid(l_j - l_i); |Delta nDCG_ij| is the change of the group's
+    # nDCG if the policy swapped i and j (gains DCG(oracle rank), discounts DCG(policy rank), Eq. 9-10),
+    # so mistakes near the top weigh most; the sigmoid is ~1 for a mis-ordered pair (false promotion),
+    # 1/2 for a tie, and fades as the pair becomes well ordered. Unnormalised: |A| ~ 0.03-0.2.
     gain, discount = dcg(oracle_rank, dcg_kind), dcg(policy_rank, dcg_kind)
     ideal = (gain * gain).sum(-1, keepdim=True).unsqueeze(-1)                     # (B, 1, 1)
     swap = ((gain.unsqueeze(2) - gain.unsqueeze(1)) *
@@ -137,9 +115,9 @@ def rank_advantages(oracle_rank, seq_logp, method="lambda", dcg_kind="eq10", bou
 
 
 def masked_mean(values, mask, agg="sequence"):
-    """values, mask: (N, L) -> scalar. "sequence": mean over each sequence's tokens, then over
-    the sequences that have tokens (Eq. 6's 1/|o_i| and 1/G; sequences whose mask is all zero, e.g.
-    masked truncated completions, drop out of the count); "token": mean over all tokens."""
+    """values, mask: (N, L) -> scalar. "sequence": mean over each sequence's tokens, then over the
+    sequences that have tokens (Eq. 6's 1/|o_i| and 1/G; an all-zero mask row, e.g. a masked
+    truncated completion, drops out of the count); "token": mean over all tokens."""
     _check_choice("agg", agg, AGGS)
     mask = mask.to(values.dtype)
     if agg == "token":
@@ -152,18 +130,15 @@ def masked_mean(values, mask, agg="sequence"):
 def grpo_rank_loss(logp, old_logp, ref_logp, advantages, mask, epsilon=0.2, epsilon_high=None,
                    beta=0.04, entropy=None, entropy_coef=0.0, agg="sequence"):
     """The negative GRPO_rank objective (Eq. 6) and detached stats.
-
-    logp: (N, L) token log-probs under the policy being trained (with grad);
-    old_logp: (N, L) under the policy the ratio is taken against (Eq. 4);
-    ref_logp: (N, L) under the reference policy for the KL term (None allowed when beta = 0);
-    advantages: (N,) one per sequence; mask: (N, L) 1 on completion tokens;
-    entropy: (N, L) per-token policy entropy (with grad) for the c_entropy bonus, or None.
+    logp: (N, L) token log-probs under the policy being trained (with grad); old_logp: (N, L)
+    under the policy the ratio is taken against (Eq. 4); ref_logp: (N, L) under the reference
+    policy of the KL term (None allowed when beta = 0); advantages: (N,); mask: (N, L), 1 on
+    completion tokens; entropy: (N, L) per-token entropy (with grad) for the bonus, or None.
     Returns (loss: scalar tensor, stats: dict of floats)."""
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
     if logp.dim() != 2:
         raise ValueError(f"logp must have shape (N, L), got {tuple(logp.shape)}")
-    named = {"old_logp": old_logp, "mask": mask, "ref_logp": ref_logp, "entropy": entropy}
-    for name, tensor in named.items():
+    for name, tensor in {"old_logp": old_logp, "mask": mask, "ref_logp": ref_logp, "entropy": entropy}.items():
         if tensor is not None and tensor.shape != logp.shape:
             raise ValueError(f"{name} must have the shape of logp {tuple(logp.shape)}, got {tuple(tensor.shape)}")
     if advantages.shape != logp.shape[:1]:
@@ -192,46 +167,3 @@ def grpo_rank_loss(logp, old_logp, ref_logp, advantages, mask, epsilon=0.2, epsi
                  "kl": masked_mean(kl, mask, "token").item(),
                  "entropy": masked_mean(entropy, mask, "token").item() if entropy is not None else 0.0}
     return loss, stats
-
-
-# -----------------------------------------------------------------------------
-# A bandit to see what each advantage does: a softmax policy over `num_answers` answers of
-# known quality; each step samples `group_size` answers for each of `batch` prompts, an Oracle
-# ranks them by quality (equal answers tie), and one Adam step is taken on the loss above.
-
-def bandit(method="lambda", dcg_kind="eq10", bound="symmetric", steps=300, num_answers=10,
-           group_size=5, batch=8, lr=0.05, seed=0):
-    """Returns (start, end): expected quality / best quality before and after training."""
-    gen = torch.Generator().manual_seed(seed)
-    quality = torch.randperm(num_answers, generator=gen).to(torch.get_default_dtype()) / (num_answers - 1)
-    logits = torch.randn(num_answers, generator=gen).requires_grad_()
-    optimizer = torch.optim.Adam([logits], lr=lr)
-    expected = lambda: (torch.softmax(logits.detach(), -1) * quality).sum().item()
-    start = expected()
-    for _ in range(steps):
-        log_probs = torch.log_softmax(logits, -1)
-        answers = torch.multinomial(log_probs.detach().exp(), batch * group_size, replacement=True,
-                                    generator=gen).view(batch, group_size)
-        oracle_rank = ranks_from_scores(quality[answers])
-        logp = log_probs[answers]                                        # (B, G) = seq_logp, one token
-        advantages = rank_advantages(oracle_rank, logp, method, dcg_kind, bound)
-        loss, _ = grpo_rank_loss(logp.view(-1, 1), logp.detach().view(-1, 1), None,
-                                 advantages.view(-1), torch.ones(batch * group_size, 1), beta=0.0)
-        optimizer.zero_grad()
-        loss.backward()
-        optimizer.step()
-    return start, expected()
-
-
-if __name__ == "__main__":
-    seeds = range(5)
-    print(f"bandit: 10 answers, G=5, 8 groups/step, 300 Adam steps, {len(seeds)} seeds; "
-          "expected quality / best (1.0 = always the best answer)")
-    print(f"{'method':<12} {'dcg_kind':<8} {'bound':<10} {'start':>6} {'end':>6}  {'min..max over seeds':>20}")
-    variants = [("lambda", "eq10", "symmetric"), ("rank_reward", "eq10", "symmetric")]
-    variants += [("paper", kind, bound) for kind in DCG_KINDS for bound in BOUNDS]
-    for method, kind, bound in variants:
-        runs = [bandit(method, kind, bound, seed=seed) for seed in seeds]
-        starts, ends = [s for s, _ in runs], [e for _, e in runs]
-        print(f"{method:<12} {kind:<8} {bound:<10} {sum(starts) / len(runs):6.3f} "
-              f"{sum(ends) / len(runs):6.3f}  {min(ends):9.3f} .. {max(ends):.3f}")

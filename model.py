@@ -23,12 +23,11 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # CLIP's image normalisation
-CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
-PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
+from data import build_prompt, clip_pixels
+from synth import synthetic_vocab, word_tokenizer
+
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer"
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")   # peft calls a deprecated name
 
@@ -68,33 +67,6 @@ class ModelConfig:
         return cls(**values)
 
 
-def build_prompt(question, options=None):
-    """The one prompt template, for training, rollouts and evaluation alike."""
-    text = f"USER: {question.strip()}"
-    if options:
-        letters = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
-        text += " Options: " + " ".join(f"({letters[i]}) {option}" for i, option in enumerate(options))
-        text += " Answer with the option's letter."
-    return text + " ASSISTANT:"
-
-
-def word_tokenizer(words):
-    """A word-level tokenizer (lower-cased, punctuation split off) over `words` plus the template's."""
-    from tokenizers import Tokenizer, normalizers, pre_tokenizers
-    from tokenizers.models import WordLevel
-    from transformers import PreTrainedTokenizerFast
-    splitter = pre_tokenizers.Whitespace()
-    template = build_prompt("", ["x"] * 4) + " " + " ".join(words) + " abcdefghijklmnopqrstuvwxyz "
-    pieces = {piece.lower() for piece, _ in splitter.pre_tokenize_str(template)}
-    pieces |= set(" ".join("abcdefghijklmnopqrstuvwxyz"))
-    vocab = {token: i for i, token in enumerate([PAD, UNK, BOS, EOS] + sorted(pieces - {""}))}
-    core = Tokenizer(WordLevel(vocab, unk_token=UNK))
-    core.normalizer = normalizers.Lowercase()
-    core.pre_tokenizer = splitter
-    return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, unk_token=UNK,
-                                   bos_token=BOS, eos_token=EOS)
-
-
 def make_projector(kind, vision_dim, lm_dim):
     if kind == "linear":
         return nn.Linear(vision_dim, lm_dim)
@@ -125,7 +97,6 @@ def build_parts(config, vocab_words=None):
 
     if config.lm == "tiny":
         if vocab_words is None:
-            from data import synthetic_vocab
             vocab_words = synthetic_vocab()
         tokenizer = word_tokenizer(vocab_words) if not config.tokenizer else AutoTokenizer.from_pretrained(config.tokenizer)
         hidden = config.tiny_lm_hidden
@@ -248,6 +219,13 @@ class VideoLM(nn.Module):
         self.vision.eval()            # frozen tower: no dropout, ever
         return self
 
+    def disable_dropout(self):
+        """RL runs without dropout: the rollout, reference and training passes must score the same
+        policy, so that the first pass's ratio is exactly 1."""
+        for module in self.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = 0.0
+
     # ------------------------------------------------------------------ video
 
     @property
@@ -255,20 +233,8 @@ class VideoLM(nn.Module):
         return next(self.projector.parameters()).device
 
     def preprocess(self, frames):
-        """uint8 (B, T, H, W, 3) -> float (B*T, 3, S, S): resize the short side to S, centre crop,
-        CLIP mean/std. Plain torch (torchvision is not a dependency)."""
-        size = self.vision.config.image_size
-        batch, num_frames, height, width, _ = frames.shape
-        pixels = frames.reshape(batch * num_frames, height, width, 3).permute(0, 3, 1, 2).float() / 255.0
-        scale = size / min(height, width)
-        new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
-        if (new_h, new_w) != (height, width):
-            pixels = F.interpolate(pixels, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
-        top, left = (new_h - size) // 2, (new_w - size) // 2
-        pixels = pixels[:, :, top:top + size, left:left + size]
-        mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
-        std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
-        return (pixels - mean) / std
+        """uint8 (B, T, H, W, 3) -> float (B*T, 3, S, S) at the tower's input size (data.clip_pixels)."""
+        return clip_pixels(frames, self.vision.config.image_size)
 
     @torch.no_grad()
     def encode_video(self, frames):
@@ -290,18 +256,13 @@ class VideoLM(nn.Module):
         """Prompts of dataset rows -> (ids, mask), each (B, P) long, left-padded."""
         texts = [build_prompt(s["question"], s.get("options")) for s in samples]
         encoded = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
-        return left_pad(encoded, self.tokenizer.pad_token_id, self.device)
+        return pad(encoded, self.tokenizer.pad_token_id, self.device)
 
     def encode_answers(self, answers):
         """Answer strings -> (ids, mask), each (B, L) long, right-padded, EOS appended."""
         eos = self.tokenizer.eos_token_id
         encoded = [self.tokenizer(" " + a.strip(), add_special_tokens=False)["input_ids"] + [eos] for a in answers]
-        width = max(len(ids) for ids in encoded)
-        ids = torch.full((len(encoded), width), self.tokenizer.pad_token_id, dtype=torch.long)
-        mask = torch.zeros(len(encoded), width, dtype=torch.long)
-        for row, seq in enumerate(encoded):
-            ids[row, :len(seq)], mask[row, :len(seq)] = torch.tensor(seq), 1
-        return ids.to(self.device), mask.to(self.device)
+        return pad(encoded, self.tokenizer.pad_token_id, self.device, left=False)
 
     def decode(self, completion_ids, completion_mask):
         """(N, L) ids -> N strings, stopping at EOS."""
@@ -363,10 +324,13 @@ class VideoLM(nn.Module):
 
     @torch.no_grad()
     def generate(self, features, prompt_ids, prompt_mask, group_size=1, max_new_tokens=8,
-                 temperature=1.0, top_p=1.0, greedy=False, generator=None):
+                 temperature=1.0, top_p=1.0, greedy=False, generator=None, all_finished=None):
         """Sample group_size completions per prompt in one batched, KV-cached loop.
         features: (B, V, C); prompt_*: (B, P) -> completion_ids (B*G, L) (pad after EOS),
-        completion_mask (B*G, L) (1 up to and including EOS), truncated (B*G,) bool (no EOS)."""
+        completion_mask (B*G, L) (1 up to and including EOS), truncated (B*G,) bool (no EOS).
+        all_finished: done (B*G,) bool -> whether to stop (default: every row has its EOS); sharded
+        processes pass one that agrees across processes (configurator.all_finished)."""
+        all_finished = all_finished or (lambda done: bool(done.all()))
         embeds, mask = self.prompt_embeddings(features, prompt_ids, prompt_mask)
         embeds, mask = embeds.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
@@ -380,7 +344,7 @@ class VideoLM(nn.Module):
             keep.append(~done)
             tokens.append(next_token)
             done = done | (next_token == eos)
-            if all_ranks_done(done):
+            if all_finished(done):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             out = self.lm(input_ids=next_token.unsqueeze(1), attention_mask=mask,
@@ -448,27 +412,20 @@ def video_chatgpt_pool(patches):
     return torch.cat([patches.mean(2), patches.mean(1)], 1)
 
 
-def all_ranks_done(done):
-    """True when every sequence on every process has finished. Sharded (FSDP) processes must run
-    the same number of forward passes, so they stop generating together."""
-    finished = torch.tensor(float(done.all()), device=done.device)
-    if torch.distributed.is_initialized():
-        torch.distributed.all_reduce(finished, op=torch.distributed.ReduceOp.MIN)
-    return bool(finished.item())
-
-
 def positions(mask):
     """Position ids that skip left padding: (N, L) mask -> (N, L) long."""
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def left_pad(sequences, pad_id, device=None):
+def pad(sequences, pad_id, device=None, left=True):
+    """Lists of token ids -> (ids, mask), each (N, width) long, padded on the left or the right."""
     width = max(len(seq) for seq in sequences)
     ids = torch.full((len(sequences), width), pad_id, dtype=torch.long)
     mask = torch.zeros(len(sequences), width, dtype=torch.long)
     for row, seq in enumerate(sequences):
+        where = slice(width - len(seq), width) if left else slice(0, len(seq))
         if seq:
-            ids[row, width - len(seq):], mask[row, width - len(seq):] = torch.tensor(seq), 1
+            ids[row, where], mask[row, where] = torch.tensor(seq), 1
     return ids.to(device), mask.to(device)
 
 

@@ -77,25 +77,26 @@ def tie_identical(seq_logp, completion_ids, completion_mask):
 
 @torch.no_grad()
 def rollout(policy, samples, frames, group_size, max_new_tokens=8, temperature=1.0, top_p=1.0,
-            mask_truncated_completions=False, generator=None):
+            mask_truncated_completions=False, generator=None, all_finished=None):
     """Sample G responses for each of B prompts (Algorithm 1 line 6) and score them (line 8).
-    samples: B dataset rows; frames: uint8 (B, T, H, W, 3) -> Rollout."""
+    samples: B dataset rows; frames: uint8 (B, T, H, W, 3) -> Rollout. all_finished: see
+    VideoLM.generate (sharded processes stop generating together)."""
     was_training = policy.training
     policy.eval()                                     # no dropout while sampling and scoring
     features = policy.encode_video(frames)            # once per prompt, reused for all G
     prompt_ids, prompt_mask = policy.encode_prompts(samples)
     completion_ids, completion_mask, truncated = policy.generate(
         features, prompt_ids, prompt_mask, group_size=group_size, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, generator=generator)
+        temperature=temperature, top_p=top_p, generator=generator, all_finished=all_finished)
     loss_mask = completion_mask.clone()
     if mask_truncated_completions:                    # a cut-off answer is not evidence either way
         loss_mask[truncated] = 0
-    batch = Rollout(samples, group_size, features, prompt_ids, prompt_mask, completion_ids,
-                    completion_mask, loss_mask, truncated, None, None, None, None)
-    batch.old_logp, batch.entropy = completion_logprobs(policy, batch, with_entropy=True)
-    seq_logp = (batch.old_logp * completion_mask).sum(-1).view(len(samples), group_size)
-    batch.seq_logp = tie_identical(seq_logp, completion_ids, completion_mask)
+    logits = policy.completion_logits(features, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                                      group_size=group_size)
+    old_logp, entropy = token_logprobs(logits, completion_ids, with_entropy=True)
+    seq_logp = (old_logp * completion_mask).sum(-1).view(len(samples), group_size)
     texts = policy.decode(completion_ids, completion_mask)
-    batch.responses = [texts[b * group_size:(b + 1) * group_size] for b in range(len(samples))]
     policy.train(was_training)
-    return batch
+    return Rollout(samples, group_size, features, prompt_ids, prompt_mask, completion_ids, completion_mask,
+                   loss_mask, truncated, old_logp, entropy, tie_identical(seq_logp, completion_ids, completion_mask),
+                   [texts[b * group_size:(b + 1) * group_size] for b in range(len(samples))])

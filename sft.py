@@ -9,7 +9,6 @@ $ python sft.py                                  # tiny default on the synthetic
 $ python sft.py --steps=600 --out_dir=out/sft600
 Prints held-out exact-match accuracy per category and saves a model.py checkpoint.
 """
-import math
 import sys
 import time
 import warnings
@@ -18,7 +17,11 @@ import torch
 import torch.nn.functional as F
 from tqdm import tqdm
 
-from data import read_videos
+from configurator import configure, cosine_lr
+from data import load_jsonl, read_videos
+from eval import evaluate, print_results
+from model import ModelConfig, VideoLM
+from synth import make_synthetic_dataset
 
 # -----------------------------------------------------------------------------
 # defaults, overridable as --key=value
@@ -35,14 +38,6 @@ warmup_steps = 20
 seed = 0
 num_threads = 2              # results depend on the thread count: fix it
 # -----------------------------------------------------------------------------
-
-
-def cosine_lr(step, total, warmup, peak):
-    """Linear warm-up to `peak`, then cosine decay to 10 % of it."""
-    if step < warmup:
-        return peak * (step + 1) / warmup
-    progress = (step - warmup) / max(1, total - warmup)
-    return peak * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(progress, 1.0))))
 
 
 def encode_dataset(policy, samples, batch_size=64, progress=True):
@@ -99,11 +94,7 @@ def train_sft(policy, samples, steps=300, batch_size=32, learning_rate=1e-3, wei
 
 
 def main(argv):
-    from train import configure
     configure(argv, globals())
-    from data import load_jsonl, make_synthetic_dataset
-    from eval import evaluate, print_results
-    from model import ModelConfig, VideoLM
     torch.set_num_threads(num_threads)
     torch.manual_seed(seed)
     paths = {"train": train_data, "eval": eval_data}

@@ -1,4 +1,4 @@
-"""Tests for data.py: decoding, the JSONL format, converters, the synthetic task."""
+"""Tests for data.py (decoding, the JSONL format, converters) and synth.py (the synthetic task)."""
 
 import json
 import os
@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import data
+import synth
 from data import DatasetError, VideoError
 
 BACKENDS = ["pyav"] + (["decord"] if data.HAVE_DECORD else [])
@@ -20,7 +21,7 @@ BACKENDS = ["pyav"] + (["decord"] if data.HAVE_DECORD else [])
 def write_gray_video(path, num_frames=16, size=32):
     """Frame k is uniformly grey with brightness 16 * k."""
     frames = np.stack([np.full((size, size, 3), 16 * k, np.uint8) for k in range(num_frames)])
-    data._write_mp4(str(path), frames)
+    synth.write_mp4(str(path), frames)
     return path
 
 
@@ -278,7 +279,7 @@ def test_convert_videomme(tmp_path, lines):
 def test_convert_cli(tmp_path):
     ann = dump(tmp_path / "qa.json", [{"video_name": "vid1", "question": "q?", "answer": "a", "question_id": 1}])
     out = tmp_path / "out.jsonl"
-    result = subprocess.run([sys.executable, "data.py", "convert", "--format=msvd_qa", f"--annotations={ann}",
+    result = subprocess.run([sys.executable, "data.py", "--benchmark=msvd_qa", f"--annotations={ann}",
                              f"--video_dir={tmp_path}", f"--out={out}"],
                             cwd=os.path.dirname(os.path.abspath(data.__file__)), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
@@ -290,18 +291,18 @@ def test_convert_cli(tmp_path):
 # synthetic video QA
 
 @pytest.fixture(scope="module")
-def synth(tmp_path_factory):
+def synth_set(tmp_path_factory):
     out = tmp_path_factory.mktemp("synth")
-    return out, data.make_synthetic_dataset(out, num_train=16, num_eval=8, seed=3)
+    return out, synth.make_synthetic_dataset(out, num_train=16, num_eval=8, seed=3)
 
 
 def colour_pixels(frame):
     """Counter of palette colour -> number of pixels, for the bright pixels of an RGB frame."""
     frame = np.asarray(frame).astype(np.int64)
     bright = frame.reshape(-1, 3)[frame.reshape(-1, 3).max(1) > 120]
-    palette = np.array([data.SYNTH_RGB[c] for c in data.SYNTH_COLOURS])
+    palette = np.array([synth.RGB[c] for c in synth.COLOURS])
     nearest = ((bright[:, None, :] - palette[None]) ** 2).sum(-1).argmin(1)
-    return Counter(data.SYNTH_COLOURS[i] for i in nearest)
+    return Counter(synth.COLOURS[i] for i in nearest)
 
 
 def components(mask):
@@ -321,52 +322,52 @@ def components(mask):
     return count
 
 
-def test_synthetic_dataset_files(synth):
-    out, paths = synth
+def test_synthetic_dataset_files(synth_set):
+    out, paths = synth_set
     train, evl, mc = (data.load_jsonl(paths[k]) for k in ("train", "eval", "eval_mc"))
     assert (len(train), len(evl), len(mc)) == (16, 8, 8)
     assert not {r["id"] for r in train} & {r["id"] for r in evl}
-    assert Counter(r["category"] for r in train) == {c: 4 for c in data.SYNTH_CATEGORIES}
-    assert Counter(r["category"] for r in evl) == {c: 2 for c in data.SYNTH_CATEGORIES}
+    assert Counter(r["category"] for r in train) == {c: 4 for c in synth.CATEGORIES}
+    assert Counter(r["category"] for r in evl) == {c: 2 for c in synth.CATEGORIES}
     for row in train + evl:
-        assert row["answer"] in data.SYNTH_ANSWERS[row["category"]]
+        assert row["answer"] in synth.ANSWERS[row["category"]]
         assert data.load_video(row["video"], 8).shape == (8, 64, 64, 3)
     for open_row, mc_row in zip(evl, mc):
         assert {k: mc_row[k] for k in ("id", "video", "question", "category")} == \
                {k: open_row[k] for k in ("id", "video", "question", "category")}
         assert len(mc_row["options"]) == 4 == len(set(mc_row["options"]))
         assert mc_row["options"][data.LETTERS.index(mc_row["answer"])] == open_row["answer"]
-        pool = data.SYNTH_ANSWERS[mc_row["category"]] + data.SYNTH_EXTRA_DISTRACTORS.get(mc_row["category"], [])
+        pool = synth.ANSWERS[mc_row["category"]] + synth.EXTRA_DISTRACTORS.get(mc_row["category"], [])
         assert set(mc_row["options"]) <= set(pool)
-    vocab = set(data.synthetic_vocab())
+    vocab = set(synth.synthetic_vocab())
     for row in train + evl + mc:
         text = " ".join([row["question"], row["answer"]] + row.get("options", []))
-        assert set(data.split_words(text)) <= vocab, text
-    assert data.synthetic_vocab() == sorted(vocab)
+        assert set(synth.split_words(text)) <= vocab, text
+    assert synth.synthetic_vocab() == sorted(vocab)
 
 
-def test_synthetic_dataset_is_deterministic_and_idempotent(synth, tmp_path):
-    out, paths = synth
+def test_synthetic_dataset_is_deterministic_and_idempotent(synth_set, tmp_path):
+    out, paths = synth_set
     mtimes = {p: os.stat(p).st_mtime_ns for p in paths.values()}
-    assert data.make_synthetic_dataset(out, num_train=16, num_eval=8, seed=3) == paths
+    assert synth.make_synthetic_dataset(out, num_train=16, num_eval=8, seed=3) == paths
     assert {p: os.stat(p).st_mtime_ns for p in paths.values()} == mtimes  # nothing rewritten
-    again = data.make_synthetic_dataset(tmp_path, num_train=16, num_eval=8, seed=3)
+    again = synth.make_synthetic_dataset(tmp_path, num_train=16, num_eval=8, seed=3)
     for key in paths:
         assert open(paths[key]).read() == open(again[key]).read()
     for a, b in zip(data.load_jsonl(paths["train"]), data.load_jsonl(again["train"])):
         assert (data.load_video(a["video"], 8) == data.load_video(b["video"], 8)).all()
-    other = data.make_synthetic_dataset(tmp_path, num_train=16, num_eval=8, seed=4)  # new params: regenerate
+    other = synth.make_synthetic_dataset(tmp_path, num_train=16, num_eval=8, seed=4)  # new params: regenerate
     assert open(other["train"]).read() != open(paths["train"]).read()
 
 
 def test_synthetic_categories_mean_what_they_say():
     rng = np.random.default_rng(0)
     for _ in range(6):
-        for category in data.SYNTH_CATEGORIES:
-            for answer in data.SYNTH_ANSWERS[category]:
-                frames, question, got = data.make_synthetic_video(rng, category, answer)
+        for category in synth.CATEGORIES:
+            for answer in synth.ANSWERS[category]:
+                frames, question, got = synth.make_synthetic_video(rng, category, answer)
                 assert frames.shape == (8, 64, 64, 3) and frames.dtype == np.uint8 and got == answer
-                assert question in data.SYNTH_QUESTIONS[category]
+                assert question in synth.QUESTIONS[category]
                 mask = frames.max(-1) > 120
                 if category == "colour":
                     assert set(colour_pixels(frames[0])) == {answer}
@@ -379,8 +380,8 @@ def test_synthetic_categories_mean_what_they_say():
                     assert side == answer and max(abs(dx), abs(dy)) >= 12 and min(abs(dx), abs(dy)) <= 9
 
 
-def test_synthetic_order_first_colour_visible_first(synth):
-    _, paths = synth
+def test_synthetic_order_first_colour_visible_first(synth_set):
+    _, paths = synth_set
     rows = [r for r in data.load_jsonl(paths["train"]) if r["category"] == "order"]
     assert rows
     for row in rows:
@@ -397,11 +398,11 @@ def test_synthetic_clips_decode_to_the_same_pixels_every_time(tmp_path):
     # x264's lossy mode varied between runs (10 of 40 re-encodings of one clip differed in pixels),
     # which made results differ between machines; the generator writes lossless clips.
     rng = np.random.default_rng(5)
-    frames, _, _ = data.make_synthetic_video(rng, "colour")
+    frames, _, _ = synth.make_synthetic_video(rng, "colour")
     decoded = []
     for i in range(30):
         path = str(tmp_path / f"clip{i}.mp4")
-        data._write_mp4(path, frames)
+        synth.write_mp4(path, frames)
         decoded.append(data.load_video(path, 8))
     assert all(torch.equal(d, decoded[0]) for d in decoded)
     assert (decoded[0].int() - torch.from_numpy(frames).int()).abs().max() <= 40   # only yuv420p chroma loss

@@ -16,9 +16,12 @@ import torch
 import torch.multiprocessing as mp
 
 import eval as ev
-from data import load_jsonl, make_synthetic_dataset, stack_frames, write_jsonl
+from answers import extract_choice, is_unanswered
+from data import load_jsonl, stack_frames, write_jsonl
+from judge import parse_verdict
 from model import ModelConfig, VideoLM
-from oracle import OracleError, parse_verdict
+from oracle import OracleError
+from synth import make_synthetic_dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 OPTIONS = ["a cat", "a dog", "a bird", "a fish"]
@@ -82,7 +85,7 @@ class ScriptedPolicy:
         return torch.arange(len(samples)).unsqueeze(1), torch.ones(len(samples), 1, dtype=torch.long)
 
     def generate(self, features, prompt_ids, prompt_mask, group_size=1, max_new_tokens=8,
-                 temperature=1.0, greedy=False, generator=None):
+                 temperature=1.0, greedy=False, generator=None, all_finished=None):
         self.generated.append(list(self.batch))
         self.last_call = dict(max_new_tokens=max_new_tokens, temperature=temperature, greedy=greedy)
         return prompt_ids, prompt_mask, torch.zeros(len(prompt_ids), dtype=torch.bool)
@@ -123,7 +126,8 @@ def read_lines(path):
     ("The answer is", None, False),
 ])
 def test_mc_choice(reply, letter, unanswered):
-    assert ev.mc_choice(reply, OPTIONS) == (letter, unanswered)
+    choice = extract_choice(reply, OPTIONS)
+    assert (choice, choice is None and is_unanswered(reply)) == (letter, unanswered)
 
 
 def test_mc_aggregation_by_category_and_duration(synth, capsys):
@@ -285,7 +289,7 @@ def test_open_end_to_end_cli_with_fake_judge(synth, checkpoint, tmp_path, capsys
         assert ev.main([f"--checkpoint={checkpoint}", f"--data={data}", "--task=open",
                         f"--judge_base_url={judge.url}", "--judge_model=fake", "--judge_max_retries=1",
                         "--judge_backoff=0.01", "--max_new_tokens=12", f"--predictions={predictions}",
-                        f"--out={out}", "--quiet"]) == 0
+                        f"--out={out}", "--quiet=True"]) == 0
     finally:
         judge.close()
     assert judge.attempts("q0") == 1 and judge.attempts("q1") == 2 and judge.attempts("q2") == 2
@@ -420,7 +424,7 @@ def test_compare_command_prints_table2(tmp_path):
         path = tmp_path / f"{name}.json"
         path.write_text(json.dumps(dict(fake_results(column), checkpoint=f"out/{name}-rlaif")))
         paths.append(str(path))
-    out = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--compare", *paths],
+    out = subprocess.run([sys.executable, os.path.join(HERE, "eval.py"), "--compare=" + ",".join(paths)],
                          capture_output=True, text=True, cwd=HERE, timeout=60)
     assert out.returncode == 0, out.stderr
     lines = out.stdout.splitlines()
@@ -454,7 +458,7 @@ def test_compare_open_has_accuracy_and_score_and_missing_rows():
 
 def test_cli_infers_the_task_and_writes_files(synth, checkpoint, capsys):
     assert ev.main([f"--checkpoint={checkpoint}", f"--data={synth['eval_mc']}", "--batch_size=5",
-                    "--limit=6", "--quiet"]) == 0
+                    "--limit=6", "--quiet=True"]) == 0
     predictions = os.path.join(checkpoint, "eval", "eval_mc_mc_predictions.jsonl")
     results = json.load(open(os.path.join(checkpoint, "eval", "eval_mc_mc_results.json")))
     assert results["task"] == "mc" and results["n"] == 6 and results["max_new_tokens"] == 5
@@ -463,7 +467,7 @@ def test_cli_infers_the_task_and_writes_files(synth, checkpoint, capsys):
     assert len(lines) == 6 and all({"prediction", "choice", "correct", "unanswered"} <= set(l) for l in lines)
     assert "Overall" in capsys.readouterr().out
     # no options: exact match
-    assert ev.main([f"--checkpoint={checkpoint}", f"--data={synth['eval']}", "--limit=3", "--quiet"]) == 0
+    assert ev.main([f"--checkpoint={checkpoint}", f"--data={synth['eval']}", "--limit=3", "--quiet=True"]) == 0
     results = json.load(open(os.path.join(checkpoint, "eval", "eval_exact_results.json")))
     assert results["task"] == "exact" and results["n"] == 3 and results["max_new_tokens"] == 8
 

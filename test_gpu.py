@@ -13,7 +13,8 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
                                 reason="needs a CUDA GPU (bitsandbytes 4-bit layers, bf16 on CUDA)")
 
 import bench_gpu
-from model import ModelConfig, VideoLM, word_tokenizer
+from model import ModelConfig, VideoLM
+from synth import word_tokenizer
 
 CUDA = torch.device("cuda")
 RL_ARGS = ["--sft_steps=2", "--sft_batch_size=4", "--max_steps=1", "--batch_size=2", "--num_generations=2",
@@ -24,7 +25,7 @@ RL_ARGS = ["--sft_steps=2", "--sft_batch_size=4", "--max_steps=1", "--batch_size
 @pytest.fixture(scope="module")
 def parts(tmp_path_factory):
     """(vision_dir, lm_dir): tiny CLIP + tiny LLaMA whose tokenizer covers the synthetic task's words."""
-    from data import synthetic_vocab
+    from synth import synthetic_vocab
     root = str(tmp_path_factory.mktemp("parts"))
     return bench_gpu.save_random_parts(root, bench_gpu.TINY_VISION, bench_gpu.TINY_LM,
                                        word_tokenizer(synthetic_vocab()), "float32", "cpu")
@@ -32,7 +33,7 @@ def parts(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def synth(tmp_path_factory):
-    from data import make_synthetic_dataset
+    from synth import make_synthetic_dataset
     return make_synthetic_dataset(str(tmp_path_factory.mktemp("synth")), num_train=16, num_eval=4)
 
 

@@ -4,8 +4,9 @@ import math
 import pytest
 import torch
 
-from grpo_rank import (BOUNDS, DCG_KINDS, METHODS, bandit, dcg, group_ndcg, grpo_rank_loss,
-                       masked_mean, ndcg_penalty, rank_advantages, ranks_from_scores)
+from experiments import bandit
+from grpo_rank import (BOUNDS, DCG_KINDS, METHODS, dcg, group_ndcg, grpo_rank_loss, masked_mean, ndcg_penalty,
+                       rank_advantages, ranks_from_scores)
 
 VARIANTS = [(m, k, b) for m in METHODS for k in DCG_KINDS for b in BOUNDS]
 

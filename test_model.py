@@ -14,8 +14,9 @@ from safetensors.torch import load_file
 
 import model
 import sft
-from data import load_jsonl, load_video, make_synthetic_dataset, synthetic_vocab
-from model import ModelConfig, VideoLM, build_prompt, make_projector, sample_token
+from data import build_prompt, load_jsonl, load_video
+from model import ModelConfig, VideoLM, make_projector, sample_token
+from synth import make_synthetic_dataset, synthetic_vocab, word_tokenizer
 from rollout import rollout
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)   # OpenAI CLIP's RGB normalisation, written out
@@ -67,7 +68,7 @@ def pretrained_dirs(tmp_path_factory):
     vision_dir, lm_dir = str(root / "clip"), str(root / "llama")
     CLIPVisionModel(CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2,
                                      num_attention_heads=2, image_size=32, patch_size=8)).save_pretrained(vision_dir)
-    tokenizer = model.word_tokenizer(synthetic_vocab())
+    tokenizer = word_tokenizer(synthetic_vocab())
     LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
         num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=128,

@@ -7,13 +7,14 @@ import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
+import numpy as np
 import pytest
 import torch
 
 import oracle
 from grpo_rank import ranks_from_scores
-from oracle import (GradedOracle, JudgeOracle, OracleError, ReferenceOracle, RewardModelOracle,
-                    extract_choice, make_oracle, normalize_answer)
+from answers import extract_choice, normalize_answer
+from oracle import GradedOracle, JudgeOracle, OracleError, ReferenceOracle, RewardModelOracle, make_oracle
 
 SECRET = "sk-test-9f3c1e7a-unique-secret-d41d8cd9"
 FAST = dict(timeout=2.0, max_retries=2, max_seconds=10.0, backoff=0.01, backoff_max=0.05)
@@ -359,6 +360,7 @@ def test_judge_connection_refused():
 def test_api_key_sent_but_never_leaked(judge_server, monkeypatch, caplog):
     monkeypatch.setenv("MY_JUDGE_KEY", SECRET)
     caplog.set_level(logging.DEBUG, logger="oracle")
+    caplog.set_level(logging.DEBUG, logger="judge")
 
     def behave(index, body, headers):
         assert headers["Authorization"] == f"Bearer {SECRET}"
@@ -444,22 +446,27 @@ def test_judge_sends_frames(judge_server, monkeypatch):
         judge.rank(dict(open_sample("x"), video="/missing.mp4"), ["a", "b"])
 
 
-def test_png_encoder_roundtrip():
-    import zlib
-    image = torch.randint(0, 256, (5, 7, 3), dtype=torch.uint8)
-    png = oracle.encode_png(image)
-    assert png[:8] == b"\x89PNG\r\n\x1a\n"
-    idat_len = int.from_bytes(png[33:37], "big")
-    raw = zlib.decompress(png[41:41 + idat_len])
-    rows = torch.frombuffer(bytearray(raw), dtype=torch.uint8).reshape(5, 1 + 7 * 3)
-    assert (rows[:, 0] == 0).all() and torch.equal(rows[:, 1:].reshape(5, 7, 3), image)
+def test_frames_are_sent_as_lossless_pngs(monkeypatch):
+    import io
+    import sys
+    import types
+
+    from PIL import Image
+    video = torch.randint(0, 256, (2, 5, 7, 3), dtype=torch.uint8)
+    monkeypatch.setitem(sys.modules, "data", types.SimpleNamespace(load_video=lambda path, n: video[:n],
+                                                                   VideoError=OSError))
+    urls = oracle.video_frames_png("clip.mp4", 2, max_side=336)      # small enough: no resize
+    assert len(urls) == 2 and all(url.startswith("data:image/png;base64,") for url in urls)
+    for url, frame in zip(urls, video):
+        image = Image.open(io.BytesIO(base64.b64decode(url.split(",", 1)[1])))
+        assert image.format == "PNG" and torch.equal(torch.from_numpy(np.array(image.convert("RGB"))), frame)
 
 
 def test_cli_reference(tmp_path, capsys):
     path = tmp_path / "groups.jsonl"
     path.write_text(json.dumps({"sample": open_sample("two"), "responses": ["2", "three"]}) + "\n"
                     + json.dumps({"sample": MC, "responses": ["B", "A"]}) + "\n")
-    assert oracle.main(["--oracle=reference", f"--input={path}"]) == 0
+    assert oracle.main(["--oracle=reference", f"--groups={path}"]) == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
     assert [line["ranks"] for line in lines] == [[0, 1], [0, 1]]
 
@@ -468,7 +475,7 @@ def test_cli_judge_reports_errors(judge_server, tmp_path, capsys):
     judge_server.behave = lambda index, body, headers: (500, {}, "{}", 0.0)
     path = tmp_path / "groups.jsonl"
     path.write_text(json.dumps({"sample": open_sample("two"), "responses": ["2", "three"]}) + "\n")
-    code = oracle.main(["--oracle=judge", f"--base_url={judge_server.url}", "--model=m", f"--input={path}",
+    code = oracle.main(["--oracle=judge", f"--base_url={judge_server.url}", "--model=m", f"--groups={path}",
                         "--max_retries=0", "--timeout=2"])
     assert code == 1
     assert "HTTP 500" in json.loads(capsys.readouterr().out)["error"]

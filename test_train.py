@@ -9,12 +9,15 @@ import pytest
 import torch
 
 import train
-from data import load_jsonl, make_synthetic_dataset, write_jsonl
+import train_step
+from configurator import configure
+from data import load_jsonl, write_jsonl
 from grpo_rank import ranks_from_scores
 from model import ModelConfig, VideoLM
 from oracle import OracleError
 from rollout import completion_logprobs, rollout
 from sft import train_sft
+from synth import make_synthetic_dataset
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SMALL = ["--batch_size=4", "--num_generations=4", "--max_new_tokens=4", "--eval_size=8", "--save_every=100",
@@ -39,7 +42,8 @@ def sft_dir(synth, tmp_path_factory):
 
 
 def run_train(*args):
-    """train.main with fresh defaults (the module keeps its configuration in globals)."""
+    """train.main with fresh modules (monkeypatches of earlier tests gone)."""
+    importlib.reload(train_step)
     module = importlib.reload(train)
     return module, module.main(list(args))
 
@@ -55,7 +59,7 @@ def common(synth, sft_dir, out_dir):
 
 
 def small_rollout(sft_dir, synth, group_size=4, share_prefix=False):
-    from train import load_frames
+    from train_step import load_frames
     policy = VideoLM.load(sft_dir, share_prefix=share_prefix)
     policy.add_lora(8, 16)
     policy.snapshot_reference()
@@ -178,7 +182,7 @@ def test_oracle_failure_gives_zero_advantages_and_is_counted():
                 return [0, 1]                                      # not a ranking of G responses
             return [0, 1, 1, 3]
     samples = [{"id": "ok"}, {"id": "bad"}, {"id": "short"}]
-    oracle_rank, valid, failures = train.oracle_ranks(Flaky(), samples, [["a", "b", "c", "d"]] * 3, workers=1)
+    oracle_rank, valid, failures = train_step.oracle_ranks(Flaky(), samples, [["a", "b", "c", "d"]] * 3, workers=1)
     assert valid.tolist() == [True, False, False]
     assert oracle_rank[0].tolist() == [0, 1, 1, 3] and oracle_rank[1:].eq(0).all()
     assert "sample bad" in failures[0] and "timed out" in failures[0]
@@ -226,8 +230,8 @@ def test_too_many_bad_videos_abort_with_a_clear_message(synth, sft_dir, tmp_path
 def test_nonfinite_loss_skips_the_step_and_aborts_after_three(synth, sft_dir, tmp_path, monkeypatch):
     out = str(tmp_path / "out")
     module = importlib.reload(train)
-    real_loss = module.grpo_rank_loss
-    monkeypatch.setattr(module, "grpo_rank_loss", lambda *a, **k: (real_loss(*a, **k)[0] * float("nan"), {}))
+    real_loss = train_step.grpo_rank_loss
+    monkeypatch.setattr(train_step, "grpo_rank_loss", lambda *a, **k: (real_loss(*a, **k)[0] * float("nan"), {}))
     with pytest.raises(RuntimeError, match="3 non-finite steps in a row"), pytest.warns(UserWarning, match="non-finite"):
         module.main(common(synth, sft_dir, out) + ["--max_steps=5", "--save_every=1"])
     rows = read_metrics(out)
@@ -280,15 +284,24 @@ def test_bad_options_fail_with_clear_messages():
         run_train("nope.py")
 
 
+def test_the_step_options_read_from_train_py_are_its_defaults():
+    # bench.py and bench_gpu.py build the main job's StepConfig from train.py's text, without importing it
+    from configurator import read_config_file
+    module = importlib.reload(train)
+    from_text = train_step.StepConfig.from_options(read_config_file(os.path.join(HERE, "train.py"), skip_other=True))
+    assert from_text == train_step.StepConfig.from_options(vars(module))
+
+
 def test_config_file_and_overrides(tmp_path):
     config = tmp_path / "cfg.py"
     config.write_text("learning_rate = 3e-4\nadvantage = 'paper'\n")
     namespace = {"learning_rate": 1e-3, "advantage": "lambda", "resume": False, "max_steps": 200}
-    train.configure([str(config), "--advantage=rank_reward", "--resume=True", "--max_steps=7"], namespace)
-    assert namespace == {"learning_rate": 3e-4, "advantage": "rank_reward", "resume": True, "max_steps": 7}
+    configure([str(config), "--advantage=rank_reward", "--resume=True", "--max_steps=7"], namespace)
+    options = {k: v for k, v in namespace.items() if not k.startswith("_")}
+    assert options == {"learning_rate": 3e-4, "advantage": "rank_reward", "resume": True, "max_steps": 7}
     config.write_text("max_steps = '10'\n")
     with pytest.raises(SystemExit, match="cfg.py: max_steps expects a int, got '10'"):
-        train.configure([str(config)], namespace)
+        configure([str(config)], namespace)
 
 
 # ----------------------------------------------------------------------------- torchrun + FSDP2
@@ -313,24 +326,24 @@ def test_torchrun_two_processes_fsdp(synth, tmp_path):
 
 def test_only_explicit_runtime_options_override_a_loaded_checkpoint(tmp_path):
     module = importlib.reload(train)
-    assert module.runtime_overrides(module.configure(["--learning_rate=1e-4"], vars(module))) == {}
+    assert module.runtime_overrides(configure(["--learning_rate=1e-4"], vars(module))) == {}
     config = tmp_path / "gpu.py"
     config.write_text("dtype = 'bfloat16'\nload_in_4bit = True\n")
-    given = module.configure([str(config), "--num_frames=50"], vars(module))
+    given = configure([str(config), "--num_frames=50"], vars(module))
     assert module.runtime_overrides(given) == {"dtype": "bfloat16", "load_in_4bit": True, "num_frames": 50}
     importlib.reload(train)
 
 
 def test_each_prompt_belongs_to_exactly_one_process():
     for world in (1, 2, 4):
-        batch_index = train.global_batch_indices(100, epoch=1, step_in_epoch=2, global_batch=8 * world)
+        batch_index = train.global_batch_indices(100, epoch=1, step_in_epoch=2, global_batch=8 * world, seed=0)
         shards = [train.prompts_of_process(batch_index, rank, world) for rank in range(world)]
         assert sorted(sum(shards, [])) == sorted(batch_index.tolist())          # every prompt is owned ...
         assert len(set(sum(shards, []))) == len(batch_index)                    # ... by exactly one process
         assert all(len(shard) == 8 for shard in shards)
     # the permutation depends on the epoch only: a resumed run sees the same prompts
-    assert torch.equal(train.global_batch_indices(100, 1, 3, 16), train.global_batch_indices(100, 1, 3, 16))
-    assert not torch.equal(train.global_batch_indices(100, 1, 3, 16), train.global_batch_indices(100, 2, 3, 16))
+    assert torch.equal(train.global_batch_indices(100, 1, 3, 16, 0), train.global_batch_indices(100, 1, 3, 16, 0))
+    assert not torch.equal(train.global_batch_indices(100, 1, 3, 16, 0), train.global_batch_indices(100, 2, 3, 16, 0))
 
 
 def test_dropout_is_off_in_rl_so_the_first_pass_ratio_is_one(synth, sft_dir, tmp_path):
@@ -342,14 +355,35 @@ def test_dropout_is_off_in_rl_so_the_first_pass_ratio_is_one(synth, sft_dir, tmp
 
 def test_nonfinite_sequence_logprob_skips_the_group_not_the_run(synth, sft_dir, tmp_path, monkeypatch):
     module = importlib.reload(train)
-    real_rollout = module.rollout
+    real_rollout = train_step.rollout
 
     def broken_rollout(*args, **kwargs):
         batch = real_rollout(*args, **kwargs)
         batch.seq_logp[0, 1] = float("nan")
         return batch
-    monkeypatch.setattr(module, "rollout", broken_rollout)
+    monkeypatch.setattr(train_step, "rollout", broken_rollout)
     out = str(tmp_path / "out")
     with pytest.warns(UserWarning, match="non-finite sequence log-probs"):
         module.main(common(synth, sft_dir, out) + ["--max_steps=2"])
     assert [r["nonfinite_groups"] for r in read_metrics(out)] == [1, 2]
+
+
+def test_imports_flow_one_way():
+    # entry points -> train_step -> rollout / oracle / model -> grpo_rank, data; nothing imports train.py
+    import ast
+    import glob
+    modules = {os.path.basename(p)[:-3] for p in glob.glob(os.path.join(HERE, "*.py"))}
+    graph = {}
+    for name in modules - {"conftest"}:
+        if name.startswith("test_"):
+            continue
+        tree = ast.parse(open(os.path.join(HERE, name + ".py")).read())
+        imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
+        imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom) and node.module}
+        graph[name] = (imported & modules) - {name}
+    assert not [name for name, deps in graph.items() if "train" in deps]
+
+    def reaches(start, target, seen=()):
+        return any(dep == target or (dep not in seen and reaches(dep, target, seen + (dep,))) for dep in graph.get(start, ()))
+    assert not [name for name in graph if reaches(name, name)], "an import cycle"
+    assert "grpo_rank" in graph and not graph["grpo_rank"]          # the loss stands alone
