@@ -37,9 +37,9 @@ import torch
 
 from configurator import configure, cosine_lr, option_keys, read_config_file
 from data import HAVE_DECORD, load_jsonl, load_video
-from model import ModelConfig, VideoLM, positions, sample_token
+from model import ModelConfig, VideoLM, positions
 from oracle import JudgeOracle, make_oracle
-from rollout import token_logprobs
+from rollout import sample_token, token_logprobs
 from synth import make_synthetic_dataset, make_synthetic_video, write_mp4
 from train_step import PhaseTimer, StepConfig, load_frames, train_step
 
@@ -339,7 +339,7 @@ def step_figures(rounds):
         with step_timer("step"):
             train_step(policy, optimizer, batch, oracle, config, lr, generator, step, timer=step_timer)
         t = step_timer.seconds
-        frames = load_frames(batch, policy.config.num_frames)[0].to(DEVICE)
+        frames = load_frames(batch, policy)[0].to(DEVICE)
         preprocess = timed(lambda: policy.preprocess(frames))        # outside the step: the loader figure
         if step == 0:
             continue
@@ -369,7 +369,7 @@ def prefix_figures(rounds):
     per prompt, its KV cache repeated for the G completions) vs the full pass per row; same tokens."""
     torch.set_num_threads(step_threads)
     policy, source = step_policy(False)
-    frames, samples, _ = load_frames(train_set()[:TRAIN["batch_size"]], policy.config.num_frames)
+    frames, samples, _ = load_frames(train_set()[:TRAIN["batch_size"]], policy)
     features = policy.encode_video(frames.to(DEVICE))
     prompt_ids, prompt_mask = policy.encode_prompts(samples)
     group = TRAIN["num_generations"]

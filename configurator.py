@@ -37,11 +37,13 @@ def parse_value(text, default):
         return text.lower() in ("1", "true", "yes")
     if isinstance(default, str):
         return text
+    if isinstance(default, float):
+        return float(text)                  # also "1e-3", "nan", "inf": the range checks name those
     try:
         value = ast.literal_eval(text)
     except (ValueError, SyntaxError):
         raise ValueError from None
-    return float(value) if isinstance(default, float) and type(value) is int else value
+    return value
 
 
 def read_config_file(path, skip_other=False):

@@ -32,6 +32,7 @@ mlp2x_gelu the GELU between the layers makes them differ (convert.py warns). The
 LLaVA starts with BOS and a system line and puts "USER: <video>" and a newline before the question;
 model.py puts the visual tokens first, then "USER: question ASSISTANT:", without BOS.
 """
+import dataclasses
 import gc
 import glob
 import json
@@ -42,6 +43,7 @@ import zipfile
 
 import torch
 
+import checkpoint
 from configurator import configure
 
 # -----------------------------------------------------------------------------
@@ -339,32 +341,37 @@ def convert(src_dir, out_dir, vision_path="", base_lm_dir="", projector_file="",
         warnings.warn(f"projector {kind}: LLaVA projects every frame's patches and pools after, model.py pools "
                       "first; for a non-linear projector the visual tokens differ from the original model's")
 
-    # 3. the vision tower, and the projector's shapes against it and the LM
-    vision_path, vision_config = vision_tower(vision_path, vis, out_dir, proj_source, keep_vision)
-    lm_dim = lm.get_input_embeddings().embedding_dim
-    if meta.get("mm_hidden_size", vision_config.hidden_size) != vision_config.hidden_size:
-        raise ValueError(f"{meta_source}: mm_hidden_size {meta['mm_hidden_size']} but the vision tower "
-                         f"{vision_path} has hidden size {vision_config.hidden_size}")
-    proj = projector_state(kind, proj, vision_config.hidden_size, lm_dim, proj_source)
+    # 3-4. the output, assembled in a temporary directory and moved into place at the end (checkpoint.py):
+    # the vision tower (when the source carries its own), the clean LM directory, the model.py files
+    written = {}
 
-    # 4. the clean LM directory, then the model.py checkpoint around it
-    tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, config=lm.config)   # not the LLaVA config.json
-    rows = lm.get_input_embeddings().weight.shape[0]
-    if len(tokenizer) > rows:
-        raise ValueError(f"{tokenizer_dir}: the tokenizer has {len(tokenizer)} tokens, the LM's embeddings {rows} rows")
-    lm_dir = os.path.join(out_dir, "lm")
-    lm.to(torch_dtype).save_pretrained(lm_dir)
-    tokenizer.save_pretrained(lm_dir)
-    del lm
-    gc.collect()
-    config = ModelConfig(vision=vision_path, lm=lm_dir, projector=kind, num_frames=frames,
-                         vision_layer=meta.get("mm_vision_select_layer", -2),
-                         vision_post_layernorm=False,   # LLaVA feeds pre-post-layernorm features
-                         dtype=dtype_name)
-    model = VideoLM(config)
-    model.projector.load_state_dict({name: t.to(torch_dtype) for name, t in proj.items()})
-    model.save(out_dir)
-    print(f"convert: {src_dir} -> {out_dir} (projector {kind} from {proj_source}, LM {lm_dir}, vision {vision_path})")
+    def fill(stage):
+        tower, vision_config = vision_tower(vision_path, vis, stage, proj_source, keep_vision)
+        lm_dim = lm.get_input_embeddings().embedding_dim
+        if meta.get("mm_hidden_size", vision_config.hidden_size) != vision_config.hidden_size:
+            raise ValueError(f"{meta_source}: mm_hidden_size {meta['mm_hidden_size']} but the vision tower "
+                             f"{tower} has hidden size {vision_config.hidden_size}")
+        projector = projector_state(kind, proj, vision_config.hidden_size, lm_dim, proj_source)
+        tokenizer = AutoTokenizer.from_pretrained(tokenizer_dir, config=lm.config)   # not the LLaVA config.json
+        rows = lm.get_input_embeddings().weight.shape[0]
+        if len(tokenizer) > rows:
+            raise ValueError(f"{tokenizer_dir}: the tokenizer has {len(tokenizer)} tokens, the LM's embeddings {rows} rows")
+        lm.to(torch_dtype).save_pretrained(os.path.join(stage, "lm"))
+        tokenizer.save_pretrained(os.path.join(stage, "lm"))
+        lm.to("meta")                       # free the weights before VideoLM loads them back
+        gc.collect()
+        staged = ModelConfig(vision=tower, lm=os.path.join(stage, "lm"), projector=kind, num_frames=frames,
+                             vision_layer=meta.get("mm_vision_select_layer", -2),
+                             vision_post_layernorm=False,   # LLaVA feeds pre-post-layernorm features
+                             dtype=dtype_name)
+        model = VideoLM(staged)
+        model.projector.load_state_dict({name: t.to(torch_dtype) for name, t in projector.items()})
+        final = lambda p: os.path.join(out_dir, os.path.relpath(p, stage)) if p.startswith(stage) else p
+        written["config"] = dataclasses.replace(staged, vision=final(tower), lm=final(staged.lm))
+        model.write(stage, config=written["config"])
+    checkpoint.write_dir(out_dir, fill)
+    config = written["config"]
+    print(f"convert: {src_dir} -> {out_dir} (projector {kind} from {proj_source}, LM {config.lm}, vision {config.vision})")
     return config
 
 

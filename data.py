@@ -18,7 +18,6 @@ import sys
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 try:  # decord is the paper's decoder; it has x86-64 wheels only, PyAV is the fallback
     import decord
@@ -134,54 +133,54 @@ def build_prompt(question, options=None):
     return text + " ASSISTANT:"
 
 
-def clip_pixels(frames, size):
-    """uint8 (B, T, H, W, 3) -> float (B*T, 3, size, size) for a CLIP tower: resize the short side to
-    `size` (bilinear, antialiased), centre crop, CLIP mean/std. Plain torch (no torchvision)."""
-    batch, num_frames, height, width, _ = frames.shape
-    pixels = frames.reshape(batch * num_frames, height, width, 3).permute(0, 3, 1, 2).float() / 255.0
-    scale = size / min(height, width)
-    new_h, new_w = max(size, round(height * scale)), max(size, round(width * scale))
-    if (new_h, new_w) != (height, width):
-        pixels = F.interpolate(pixels, size=(new_h, new_w), mode="bilinear", antialias=True, align_corners=False)
-    top, left = (new_h - size) // 2, (new_w - size) // 2
-    pixels = pixels[:, :, top:top + size, left:left + size]
+def fit_frames(frames, size, pad=False):
+    """One clip to a CLIP tower's input size, as CLIPImageProcessor does it: (pad=True: first padded to
+    a square with CLIP's mean colour, VLM-RLAIF's image_aspect_ratio="pad") resize so the short side is
+    `size` (PIL bicubic, the long side int(size * long / short)), centre crop.
+    uint8 (T, H, W, 3) -> uint8 (T, size, size, 3); a clip already at that size is returned as is."""
+    from PIL import Image
+    if frames.shape[1:3] == (size, size):
+        return frames
+    fitted = []
+    for frame in frames.numpy():
+        image = Image.fromarray(frame)
+        if pad and image.width != image.height:
+            side = max(image.size)
+            square = Image.new("RGB", (side, side), tuple(int(c * 255) for c in CLIP_MEAN))
+            square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+            image = square
+        short, long = sorted(image.size)
+        new = (size, int(size * long / short))
+        image = image.resize(new if image.width <= image.height else new[::-1], Image.Resampling.BICUBIC)
+        top, left = (image.height - size) // 2, (image.width - size) // 2
+        fitted.append(np.asarray(image)[top:top + size, left:left + size])
+    return torch.from_numpy(np.stack(fitted))
+
+
+def clip_pixels(frames):
+    """uint8 (..., S, S, 3) at the tower's size (fit_frames) -> float (N, 3, S, S): x / 255, then CLIP's
+    mean and std, as CLIPImageProcessor's rescale and normalize."""
+    pixels = frames.reshape(-1, *frames.shape[-3:]).permute(0, 3, 1, 2).float() * (1 / 255)
     mean = torch.tensor(CLIP_MEAN, device=pixels.device).view(1, 3, 1, 1)
     std = torch.tensor(CLIP_STD, device=pixels.device).view(1, 3, 1, 1)
     return (pixels - mean) / std
 
 
-def stack_frames(videos):
-    """list of B uint8 (T, H, W, 3) -> uint8 (B, T, H', W', 3) for one encode_video call.
-    Videos of one size are stacked as they are. Mixed sizes are centre-cropped to squares and resized
-    to the largest square: what the policy's preprocessing (short side resize, centre crop) would make
-    of each anyway, and one call per batch keeps the ranks of a sharded model in step."""
-    if all(v.shape == videos[0].shape for v in videos):
-        return torch.stack(videos)
-    side = max(min(v.shape[1:3]) for v in videos)
-    squares = []
-    for v in videos:
-        height, width = v.shape[1:3]
-        crop = min(height, width)
-        top, left = (height - crop) // 2, (width - crop) // 2
-        pixels = v[:, top:top + crop, left:left + crop].permute(0, 3, 1, 2).float()
-        if crop != side:
-            pixels = F.interpolate(pixels, size=(side, side), mode="bilinear", antialias=True, align_corners=False)
-        squares.append(pixels.round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1))
-    return torch.stack(squares)
-
-
-def read_videos(samples, num_frames):
+def read_videos(samples, num_frames, fit=None):
     """Decode the videos of a batch of samples; one that cannot be read does not stop the batch.
-    -> (frames uint8 (B', T, H, W, 3) or None when none loaded, the B' samples that loaded,
+    fit: clip -> clip at the model's input size (VideoLM.fit_frames), applied to each clip as it is
+    decoded, so a batch's memory never depends on its largest source video.
+    -> (frames uint8 (B', T, S, S, 3) or None when none loaded, the B' samples that loaded,
     [(sample, VideoError)] for those that did not: the caller reports and counts them)."""
     videos, loaded, failures = [], [], []
     for sample in samples:
         try:
-            videos.append(load_video(sample["video"], num_frames))
+            video = load_video(sample["video"], num_frames)
+            videos.append(fit(video) if fit else video)
             loaded.append(sample)
         except VideoError as err:
             failures.append((sample, err))
-    return (stack_frames(videos) if videos else None), loaded, failures
+    return (torch.stack(videos) if videos else None), loaded, failures
 
 
 def _check_sample(row, base_dir):

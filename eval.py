@@ -143,7 +143,7 @@ def generate_batch(policy, samples, max_new_tokens, temperature, generator, alwa
     (list of {"prediction", "truncated"} | None per sample (None: the video failed to load), errors:
     {id: reason}). always=True (distributed) runs the forward passes even when no video loaded, on a
     blank clip, so that every rank makes the same calls; its output is thrown away."""
-    frames, loaded, failures = read_videos(samples, policy.config.num_frames)
+    frames, loaded, failures = read_videos(samples, policy.config.num_frames, policy.fit_frames)
     errors = {}
     for sample, e in failures:
         log.warning("sample %s: skipped, video %s cannot be read: %s", sample["id"], sample["video"], e)

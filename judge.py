@@ -16,8 +16,8 @@ import logging
 import os
 import re
 import socket
+import threading
 import time
-import urllib.error
 import urllib.parse
 import urllib.request
 
@@ -30,6 +30,9 @@ JUDGE_MAX_SECONDS = 300.0   # total time budget of one call, retries and waits i
 JUDGE_BACKOFF = 1.0         # first retry delay; doubles each retry ...
 JUDGE_BACKOFF_MAX = 30.0    # ... up to this
 JUDGE_MAX_TOKENS = 256
+MAX_REPLY_BYTES = 1 << 20   # a longer HTTP body is refused, read no further
+MAX_PARSE_CHARS = 100_000   # reply parsing looks at this much of a reply (judges answer in a few hundred)
+MAX_PARSE_ATTEMPTS = 100    # ... and tries at most this many {...} in it
 RETRY_STATUS = {408, 409, 429}   # plus every 5xx; other 4xx (auth, bad request) fail at once
 EMPTY_SHOWN = "(empty answer)"   # how an empty response is shown to the judge
 ANSWER_SYSTEM = ("You are a careful, impartial judge of answers to questions about videos. "
@@ -46,18 +49,26 @@ class JudgeError(Exception):
 
 def find_json(text, key=None):
     """The first JSON object in text (prose and ``` fences around it are fine), or None.
-    key: the object must contain this key. Python-style dicts {'pred': 'yes'} are accepted too,
-    as some judges (and the Video-ChatGPT prompt) produce them."""
-    decoder = json.JSONDecoder()
-    for match in re.finditer(r"\{", text):
-        start = match.start()
+    key: the object must contain this key. Python-style dicts {'pred': 'yes'} are accepted too, as some
+    judges (and the Video-ChatGPT prompt) produce them. Linear in the text: one pass pairs the braces;
+    only balanced pairs that open like a dict ({"k", {'k' or {}) are parsed, at most MAX_PARSE_ATTEMPTS."""
+    text = text[:MAX_PARSE_CHARS]
+    opens, candidates = [], []
+    for i, char in enumerate(text):
+        if char == "{":
+            opens.append(i)
+        elif char == "}" and opens:
+            start = opens.pop()
+            if re.match(r"\{\s*['\"}]", text[start:start + 64]):
+                candidates.append((start, i + 1))
+    for start, end in sorted(candidates)[:MAX_PARSE_ATTEMPTS]:
+        segment = text[start:end]
         try:
-            value, _ = decoder.raw_decode(text, start)
-        except ValueError:
-            end = text.find("}", start)    # flat python dict literal
+            value = json.loads(segment)
+        except (ValueError, RecursionError):
             try:
-                value = ast.literal_eval(text[start:end + 1]) if end > 0 else None
-            except (ValueError, SyntaxError, MemoryError, RecursionError):
+                value = ast.literal_eval(segment)
+            except (ValueError, TypeError, SyntaxError, MemoryError, RecursionError):
                 continue
         if isinstance(value, dict) and (key is None or key in value):
             return value
@@ -74,7 +85,7 @@ def parse_ranking(text, n):
         raise ValueError(f"JSON object without a 'ranking' key in reply {text[:200]!r}")
     else:   # no object at all: small judges often answer a bare list "[2, 1, 3]"
         ranking = None
-        for candidate in re.findall(r"\[[^\[\]]*\]", text):
+        for candidate in re.findall(r"\[[^\[\]]*\]", text[:MAX_PARSE_CHARS]):
             try:
                 ranking = json.loads(candidate)
                 break
@@ -132,72 +143,107 @@ def _retry_after(value):
 
 
 def _scrub(text, secret):
-    """Remove the secret from a message, should a server have echoed it back."""
-    return text.replace(secret, "***") if secret else text
+    """The text without the secret, should a server have echoed it back: every whole occurrence, and
+    a piece of it cut off at the end (a body read only up to a limit). Called on whole texts, before
+    any is shortened for a message, so no fragment of the key survives a cut."""
+    if not secret:
+        return text
+    text = text.replace(secret, "***")
+    for length in range(min(len(secret) - 1, len(text)), 0, -1):
+        if text.endswith(secret[:length]):
+            return text[:-length] + "***"
+    return text
+
+
+def _post(url, body, headers, timeout, deadline):
+    """One POST over http.client -> (status, headers, body bytes, at most MAX_REPLY_BYTES + 1). Redirects
+    are not followed (the API key goes to base_url only). A watchdog shuts the socket at `deadline`, so
+    connect, headers and body together end by then however slowly a server sends."""
+    parts = urllib.parse.urlsplit(url)
+    connection_class = http.client.HTTPSConnection if parts.scheme == "https" else http.client.HTTPConnection
+    target = parts.path + (f"?{parts.query}" if parts.query else "")
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    wait = max(0.001, min(timeout, deadline - time.monotonic()))
+    if proxy and not urllib.request.proxy_bypass(parts.hostname):    # as urllib would: *_proxy, no_proxy
+        proxy = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+        connection = connection_class(proxy.hostname, proxy.port, timeout=wait)
+        connection.set_tunnel(parts.hostname, parts.port)
+    else:
+        connection = connection_class(parts.hostname, parts.port, timeout=wait)
+
+    def cut_off():
+        if connection.sock is not None:
+            connection.sock.shutdown(socket.SHUT_RDWR)
+    watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), cut_off)
+    watchdog.start()
+    try:
+        connection.request("POST", target, body=body, headers=headers)
+        response = connection.getresponse()
+        return response.status, response.headers, response.read(MAX_REPLY_BYTES + 1)
+    finally:
+        watchdog.cancel()
+        connection.close()
 
 
 def chat(messages, base_url=JUDGE_BASE_URL, model=None, api_key_env="OPENAI_API_KEY",
          temperature=0.0, max_tokens=JUDGE_MAX_TOKENS, timeout=JUDGE_TIMEOUT,
          max_retries=JUDGE_MAX_RETRIES, max_seconds=JUDGE_MAX_SECONDS, backoff=JUDGE_BACKOFF,
-         backoff_max=JUDGE_BACKOFF_MAX, parse=None):
+         backoff_max=JUDGE_BACKOFF_MAX, parse=None, deadline=None):
     """POST one chat completion to an OpenAI-compatible endpoint; the one HTTP client of this project.
 
     messages: list of {"role", "content"} dicts; parse: str -> value, raising ValueError when the
     reply is unusable (None returns the reply text). Retries, with exponential backoff (Retry-After
-    honoured on 429), timeouts, connection errors, 408/409/429/5xx and replies parse rejects; at
-    most max_retries retries and max_seconds in all. Then raises JudgeError with the last reason.
-    The API key is read from the environment variable api_key_env at each request (absent is fine
-    for local servers) and never enters a log record, an exception or the object it was called on."""
+    honoured), timeouts, connection errors, 408/409/429/5xx and replies parse rejects; at most
+    max_retries retries. The whole call, every byte of every reply included, ends within max_seconds
+    (or by `deadline`, a time.monotonic() value, if earlier). Then raises JudgeError with the last
+    reason. The API key is read from the environment variable api_key_env at each request (absent is
+    fine for local servers), is sent to base_url's host only (a redirect is refused, not followed), and
+    no piece of it enters a log record, an exception or the object it was called on."""
     url = base_url.rstrip("/")
     if not urllib.parse.urlsplit(url).path:     # "http://host:port" -> the conventional /v1 root
         url += "/v1"
     url += "/chat/completions"
-    body = {"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens}
-    data = json.dumps(body).encode()
+    if urllib.parse.urlsplit(url).scheme not in ("http", "https"):
+        raise ValueError(f"judge base_url must be http(s)://..., got {base_url!r}")
+    data = json.dumps({"model": model, "messages": messages, "temperature": temperature, "max_tokens": max_tokens}).encode()
     start = time.monotonic()
-    deadline = start + max_seconds
+    deadline = min(start + max_seconds, deadline or float("inf"))
     delay, reason, attempts = backoff, "no attempt made", 0
-    while True:
+    while time.monotonic() < deadline:
         key = os.environ.get(api_key_env, "") if api_key_env else ""
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            break
         attempts += 1
-        headers = {"Content-Type": "application/json"}
-        if key:
-            headers["Authorization"] = f"Bearer {key}"
-        request = urllib.request.Request(url, data=data, headers=headers, method="POST")
+        headers = {"Content-Type": "application/json", **({"Authorization": f"Bearer {key}"} if key else {})}
         wait = None   # a server-requested wait (Retry-After)
         try:
             log.debug("POST %s model=%s attempt=%d", url, model, attempts)
-            with urllib.request.urlopen(request, timeout=min(timeout, remaining)) as response:
-                raw = response.read()
-            try:
-                text = json.loads(raw)["choices"][0]["message"]["content"]
-                if not isinstance(text, str):
-                    raise TypeError(f"content is {type(text).__name__}")
-            except (ValueError, KeyError, IndexError, TypeError) as e:
-                raise ValueError(f"malformed completion ({type(e).__name__}: {e}): {raw[:200]!r}") from None
-            return text if parse is None else parse(text)
-        except urllib.error.HTTPError as e:
-            # build the message ourselves from the status and a little of the body; the error
-            # object itself (response headers, open socket) goes no further
-            try:
-                detail = e.read(300).decode("utf-8", "replace")
-            except Exception:
-                detail = ""
-            reason = _scrub(f"HTTP {e.code} from {url}: {detail.strip()}", key)
-            if e.code not in RETRY_STATUS and e.code < 500:
-                break                                   # auth / bad request / no such model: final
-            wait = _retry_after(e.headers.get("Retry-After"))   # 429 and 503 may say how long
+            status, reply_headers, raw = _post(url, data, headers, timeout, deadline)
+            text = _scrub(raw[:MAX_REPLY_BYTES].decode("utf-8", "replace"), key)
+            if len(raw) > MAX_REPLY_BYTES:
+                reason = f"reply from {url} is larger than {MAX_REPLY_BYTES} bytes; refused"
+            elif 300 <= status < 400:
+                reason = (f"HTTP {status} from {url}: redirect to {_scrub(reply_headers.get('Location', '?'), key)!r} "
+                          "refused (the API key is sent to base_url only; point base_url at the final address)")
+                break
+            elif status != 200:
+                reason = f"HTTP {status} from {url}: {text.strip()[:300]}"
+                if status not in RETRY_STATUS and status < 500:
+                    break                                   # auth / bad request / no such model: final
+                wait = _retry_after(reply_headers.get("Retry-After"))   # 429 and 503 may say how long
+            else:
+                try:
+                    content = json.loads(text)["choices"][0]["message"]["content"]
+                    if not isinstance(content, str):
+                        raise TypeError(f"content is {type(content).__name__}")
+                except (ValueError, KeyError, IndexError, TypeError) as e:
+                    raise ValueError(f"malformed completion ({type(e).__name__}): {text[:200]!r}") from None
+                return content if parse is None else parse(content)
         except (TimeoutError, socket.timeout):
-            reason = f"timeout after {min(timeout, remaining):.3g} s from {url}"
-        except urllib.error.URLError as e:
-            kind = "timeout" if isinstance(e.reason, (TimeoutError, socket.timeout)) else "connection error"
-            reason = _scrub(f"{kind} for {url}: {type(e.reason).__name__}: {e.reason}", key)
+            reason = f"timeout after {timeout:.3g} s from {url}"
         except (ConnectionError, http.client.HTTPException, OSError) as e:
-            reason = _scrub(f"connection error for {url}: {type(e).__name__}: {e}", key)
-        except ValueError as e:   # malformed completion, or parse rejected the reply
+            late = time.monotonic() >= deadline
+            reason = (f"max_seconds={max_seconds} reached while talking to {url}" if late else
+                      _scrub(f"connection error for {url}: {type(e).__name__}: {e}", key))
+        except ValueError as e:   # malformed completion, or parse rejected the (scrubbed) reply
             reason = _scrub(f"invalid reply: {e}", key)
         if attempts > max_retries:
             break
@@ -208,7 +254,7 @@ def chat(messages, base_url=JUDGE_BASE_URL, model=None, api_key_env="OPENAI_API_
         log.warning("judge attempt %d failed, retrying in %.3g s: %s", attempts, sleep, reason)
         time.sleep(sleep)
         delay = min(delay * 2, backoff_max)
-    # raised outside any except block, so the error carries no urllib exception as its context
+    # raised outside any except block, so the error carries no exception of the HTTP stack as its context
     raise JudgeError(f"judge failed after {attempts} attempt(s) in {time.monotonic() - start:.1f} s: {reason}")
 
 
@@ -227,9 +273,9 @@ class Judge:
                            max_retries=max_retries, max_seconds=max_seconds, backoff=backoff,
                            backoff_max=backoff_max)
 
-    def chat(self, messages, parse=None):
+    def chat(self, messages, parse=None, deadline=None):
         """Send messages with this judge's endpoint and retry settings (see chat())."""
-        return chat(messages, parse=parse, **self.client)
+        return chat(messages, parse=parse, deadline=deadline, **self.client)
 
     def judge_answer(self, question, reference, prediction):
         """Open-ended QA judging (Video-ChatGPT protocol): -> {"pred": "yes"/"no", "score": float 0-5}.

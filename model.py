@@ -23,9 +23,11 @@ from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from data import build_prompt, clip_pixels
+import checkpoint
+from data import build_prompt, clip_pixels, fit_frames
+from rollout import sample_token
 from synth import synthetic_vocab, word_tokenizer
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer"
@@ -49,6 +51,7 @@ class ModelConfig:
     dtype: str = "float32"        # "bfloat16" for real models on GPU
     gradient_checkpointing: bool = False
     share_prefix: bool = False    # score a group's G completions on one cached pass over their shared prompt
+    image_pad: bool = False       # pad frames to a square with CLIP's mean colour first (VLM-RLAIF)
     # the tiny default: sized so the whole main job fits minutes on 2 CPU cores
     tiny_image_size: int = 32
     tiny_patch_size: int = 8
@@ -232,9 +235,15 @@ class VideoLM(nn.Module):
     def device(self):
         return next(self.projector.parameters()).device
 
+    def fit_frames(self, frames):
+        """One clip to the tower's input size: uint8 (T, H, W, 3) -> (T, S, S, 3) (data.fit_frames)."""
+        return fit_frames(frames, self.vision.config.image_size, self.config.image_pad)
+
     def preprocess(self, frames):
-        """uint8 (B, T, H, W, 3) -> float (B*T, 3, S, S) at the tower's input size (data.clip_pixels)."""
-        return clip_pixels(frames, self.vision.config.image_size)
+        """uint8 (B, T, H, W, 3), any size -> float (B*T, 3, S, S), the tower's normalised input."""
+        if frames.shape[2:4] != (self.vision.config.image_size,) * 2:
+            frames = torch.stack([self.fit_frames(clip) for clip in frames.cpu()])
+        return clip_pixels(frames.to(self.device))
 
     @torch.no_grad()
     def encode_video(self, frames):
@@ -365,33 +374,45 @@ class VideoLM(nn.Module):
         return name.startswith("lm.") and self.config.lm == "tiny"
 
     def save(self, path, state=None):
-        """Weights (safetensors), config (JSON) and tokenizer into one directory. `state`: a full
-        state dict gathered from a sharded model (default: this module's own)."""
-        os.makedirs(path, exist_ok=True)
+        """Weights (safetensors), config (JSON) and tokenizer into one directory, written atomically with
+        a checksum manifest (checkpoint.write_dir). `state`: a full state dict gathered from a sharded
+        model (default: this module's own)."""
+        checkpoint.write_dir(path, lambda directory: self.write(directory, state))
+
+    def write(self, directory, state=None, config=None):
+        """save's files into an existing directory (a checkpoint being assembled); `config`: the
+        ModelConfig to record, when it differs from the one the model was built with (convert.py)."""
         state = self.state_dict() if state is None else state
-        state = {name: tensor.detach().contiguous().cpu() for name, tensor in state.items() if self._saved(name)}
-        save_file(state, os.path.join(path, WEIGHTS))
-        meta = {"model": asdict(self.config), "reference": self.ref_projector is not None}
-        with open(os.path.join(path, CONFIG), "w") as f:
-            json.dump(meta, f, indent=2)
-        self.tokenizer.save_pretrained(os.path.join(path, TOKENIZER))
+        save_file({name: tensor.detach().contiguous().cpu() for name, tensor in state.items() if self._saved(name)},
+                  os.path.join(directory, WEIGHTS))
+        with open(os.path.join(directory, CONFIG), "w") as f:
+            json.dump({"model": asdict(config or self.config), "reference": self.ref_projector is not None}, f, indent=2)
+        self.tokenizer.save_pretrained(os.path.join(directory, TOKENIZER))
 
     @classmethod
     def load(cls, path, **overrides):
-        """Rebuild from `save`'s directory; overrides change config fields (e.g. dtype)."""
+        """Rebuild from `save`'s directory; overrides change config fields (e.g. dtype). Refuses, naming
+        the file, a checkpoint whose checksums do not match or whose weights are not finite."""
         config_path = os.path.join(path, CONFIG)
         if not os.path.exists(config_path):
             raise FileNotFoundError(f"{path}: not a model checkpoint (no {CONFIG})")
-        with open(config_path) as f:
-            meta = json.load(f)
-        config = ModelConfig.from_dict({**meta["model"], **overrides})
+        checkpoint.verify(path)
+        try:
+            with open(config_path) as f:
+                meta = json.load(f)
+            config = ModelConfig.from_dict({**meta["model"], **overrides})
+        except (ValueError, KeyError, TypeError) as err:
+            raise checkpoint.CheckpointError(f"{config_path}: not a model config ({type(err).__name__}: {err})") from None
         if config.lm == "tiny" and not config.tokenizer:
             config.tokenizer = os.path.join(path, TOKENIZER)
         model = cls(config)
         model.config.tokenizer = meta["model"]["tokenizer"]
         if meta.get("reference"):
             model.snapshot_reference()
-        state = load_file(os.path.join(path, WEIGHTS))
+        state = checkpoint.load_tensors(os.path.join(path, WEIGHTS))
+        bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+        if bad:
+            raise checkpoint.CheckpointError(f"{os.path.join(path, WEIGHTS)}: non-finite weights in {bad[:5]}")
         own = model.state_dict()
         missing = [name for name in own if model._saved(name) and name not in state]
         unexpected = [name for name in state if name not in own]
@@ -427,16 +448,3 @@ def pad(sequences, pad_id, device=None, left=True):
         if seq:
             ids[row, where], mask[row, where] = torch.tensor(seq), 1
     return ids.to(device), mask.to(device)
-
-
-def sample_token(logits, temperature=1.0, top_p=1.0, greedy=False, generator=None):
-    """(N, vocab) float logits -> (N,) token ids: greedy, or temperature + nucleus (top-p) sampling."""
-    if greedy or temperature == 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, -1)
-    if top_p < 1.0:
-        sorted_probs, order = probs.sort(-1, descending=True)
-        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p    # keep the smallest set reaching top_p
-        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)

@@ -316,9 +316,9 @@ class JudgeOracle(Judge):
         self.calls = 0                      # rank calls so far: with seed, picks each call's shuffle
         self.lock = threading.Lock()
 
-    def chat(self, messages, parse=None):
+    def chat(self, messages, parse=None, deadline=None):
         try:
-            return super().chat(messages, parse)
+            return super().chat(messages, parse, deadline)
         except JudgeError as e:          # an Oracle fails with OracleError, whatever its kind ...
             reason = str(e)
         raise OracleError(reason)        # ... raised outside the except block: no urllib error inside
@@ -353,7 +353,7 @@ class JudgeOracle(Judge):
         return [{"type": "text", "text": text}] + [{"type": "image_url", "image_url": {"url": url}}
                                                    for url in images]
 
-    def rank(self, sample, responses, call=None):
+    def rank(self, sample, responses, call=None, deadline=None):
         """sample: dict, responses: list[str] -> list[int] competition ranks, 0 = best.
         call: the call number that seeds the shuffle (default: the next one)."""
         if call is None:
@@ -366,16 +366,20 @@ class JudgeOracle(Judge):
         random.Random(f"{self.seed}:{call}").shuffle(shown)
         messages = [{"role": "system", "content": RANK_SYSTEM},
                     {"role": "user", "content": self.user_content(sample, self.rank_prompt(sample, shown))}]
-        ranking = self.chat(messages, parse=functools.partial(parse_ranking, n=len(shown)))
+        ranking = self.chat(messages, functools.partial(parse_ranking, n=len(shown)), deadline)
         place = {shown[shown_id - 1]: position for position, shown_id in enumerate(ranking)}
         log.debug("sample %s: judge ranking %s", sample.get("id"), ranking)
         return ranks_of([-float(place[k]) for k in keys])
 
     def rank_many(self, samples, groups, max_workers=8):
+        """As rank_many(), with one deadline for the whole batch (max_seconds from now): a dead judge
+        costs a training step max_seconds, not max_seconds per wave of groups."""
         if len(samples) != len(groups):
             raise ValueError(f"{len(samples)} samples but {len(groups)} groups")
         first = self.take_calls(len(groups))   # numbered in input order: shuffles do not depend on threads
-        jobs = [functools.partial(self.rank, s, g, call=first + i) for i, (s, g) in enumerate(zip(samples, groups))]
+        deadline = time.monotonic() + self.client["max_seconds"]
+        jobs = [functools.partial(self.rank, s, g, call=first + i, deadline=deadline)
+                for i, (s, g) in enumerate(zip(samples, groups))]
         return run_many(jobs, max_workers)
 
 

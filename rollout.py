@@ -33,6 +33,19 @@ class Rollout:
     responses: list                # B lists of G decoded strings
 
 
+def sample_token(logits, temperature=1.0, top_p=1.0, greedy=False, generator=None):
+    """(N, vocab) float logits -> (N,) token ids: greedy, or temperature + nucleus (top-p) sampling."""
+    if greedy or temperature == 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p < 1.0:
+        sorted_probs, order = probs.sort(-1, descending=True)
+        outside = sorted_probs.cumsum(-1) - sorted_probs > top_p    # keep the smallest set reaching top_p
+        sorted_probs = sorted_probs.masked_fill(outside, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+
+
 def token_logprobs(logits, token_ids, with_entropy=False, chunk_tokens=1024):
     """log pi(token) as logit - logsumexp, in float32, `chunk_tokens` positions at a time, so that
     no float32 copy of the whole (N, L, vocab) logits is ever materialised: the peak extra memory

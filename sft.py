@@ -45,7 +45,8 @@ def encode_dataset(policy, samples, batch_size=64, progress=True):
     A video that fails to load is skipped with a warning naming it (counted by the caller)."""
     features, kept = [], []
     for start in tqdm(range(0, len(samples), batch_size), desc="encode videos", disable=not progress, leave=False):
-        frames, rows, failures = read_videos(samples[start:start + batch_size], policy.config.num_frames)
+        frames, rows, failures = read_videos(samples[start:start + batch_size], policy.config.num_frames,
+                                             policy.fit_frames)
         for sample, err in failures:
             warnings.warn(f"skipping sample {sample['id']}: {err}")
         if frames is not None:

@@ -406,3 +406,41 @@ def test_synthetic_clips_decode_to_the_same_pixels_every_time(tmp_path):
         decoded.append(data.load_video(path, 8))
     assert all(torch.equal(d, decoded[0]) for d in decoded)
     assert (decoded[0].int() - torch.from_numpy(frames).int()).abs().max() <= 40   # only yuv420p chroma loss
+
+
+# -----------------------------------------------------------------------------
+# frames to the model's input size
+
+def test_each_clip_is_fitted_as_it_is_decoded_so_a_huge_video_costs_nothing_extra(tmp_path):
+    big, small = tmp_path / "big.mp4", tmp_path / "small.mp4"
+    synth.write_mp4(str(big), np.random.default_rng(0).integers(0, 256, (4, 1200, 1600, 3), dtype=np.uint8))
+    synth.write_mp4(str(small), np.random.default_rng(1).integers(0, 256, (4, 48, 64, 3), dtype=np.uint8))
+    samples = [{"id": "big", "video": str(big)}, {"id": "small", "video": str(small)}]
+    sizes = []
+
+    def fit(clip):
+        sizes.append(tuple(clip.shape))
+        return data.fit_frames(clip, 32)
+    frames, loaded, failures = data.read_videos(samples, 4, fit)
+    assert sizes == [(4, 1200, 1600, 3), (4, 48, 64, 3)]                 # one clip at a time ...
+    assert frames.shape == (2, 4, 32, 32, 3) and frames.dtype == torch.uint8   # ... batched at the model's size
+    assert [s["id"] for s in loaded] == ["big", "small"] and not failures
+
+
+@pytest.mark.parametrize("height, width, pad", [(240, 320, False), (240, 320, True), (320, 240, True), (50, 50, False)])
+def test_fit_frames_is_clip_image_processor(height, width, pad):
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+    processor = CLIPImageProcessor(size={"shortest_edge": 36}, crop_size={"height": 36, "width": 36})
+    frames = torch.from_numpy(np.random.default_rng(height + pad).integers(0, 256, (2, height, width, 3), dtype=np.uint8))
+    images = [Image.fromarray(frame) for frame in frames.numpy()]
+    if pad:   # VLM-RLAIF's expand2square, written from its description: centred on CLIP's mean colour
+        side = max(width, height)
+        squares = [Image.new("RGB", (side, side), (122, 116, 104)) for _ in images]
+        for square, image in zip(squares, images):
+            square.paste(image, ((side - width) // 2, (side - height) // 2))
+        images = squares
+    expected = torch.as_tensor(np.array(processor(images=images, return_tensors="np")["pixel_values"]))
+    got = data.clip_pixels(data.fit_frames(frames, 36, pad))
+    assert got.shape == expected.shape == (2, 3, 36, 36)
+    assert torch.allclose(got, expected, atol=1e-6)

@@ -15,7 +15,8 @@ from safetensors.torch import load_file
 import model
 import sft
 from data import build_prompt, load_jsonl, load_video
-from model import ModelConfig, VideoLM, make_projector, sample_token
+from model import ModelConfig, VideoLM, make_projector
+from rollout import sample_token
 from synth import make_synthetic_dataset, synthetic_vocab, word_tokenizer
 from rollout import rollout
 
@@ -430,6 +431,7 @@ def edited_checkpoint(tiny, tmp_path, **changes):
     meta["model"].update(changes)
     with open(os.path.join(path, "config.json"), "w") as f:
         json.dump(meta, f)
+    os.remove(os.path.join(path, "manifest.json"))   # edited by hand: no manifest (with one, the edit is refused)
     return path
 
 

@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import judge
 import oracle
 from grpo_rank import ranks_from_scores
 from answers import extract_choice, normalize_answer
@@ -479,3 +480,130 @@ def test_cli_judge_reports_errors(judge_server, tmp_path, capsys):
                         "--max_retries=0", "--timeout=2"])
     assert code == 1
     assert "HTTP 500" in json.loads(capsys.readouterr().out)["error"]
+
+
+# ---------------------------------------------------------------------------------------------
+# the judge client against hostile servers: redirects, echoed keys, trickled bodies, huge replies
+
+class RawServer:
+    """A loopback server that answers every connection with `reply(socket)` in a thread; records the
+    raw requests it received (headers included)."""
+
+    def __init__(self, reply):
+        import socket
+        self.requests, self.reply = [], reply
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(16)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}/v1"
+        threading.Thread(target=self.serve, daemon=True).start()
+
+    def serve(self):
+        while True:
+            try:
+                connection, _ = self.sock.accept()
+            except OSError:
+                return
+            threading.Thread(target=self.handle, args=(connection,), daemon=True).start()
+
+    def handle(self, connection):
+        with connection:
+            connection.settimeout(5)
+            data = b""
+            while b"\r\n\r\n" not in data:
+                chunk = connection.recv(65536)
+                if not chunk:
+                    return
+                data += chunk
+            self.requests.append(data.decode("latin-1"))
+            try:
+                self.reply(connection)
+            except OSError:      # the client hung up
+                pass
+
+    def close(self):
+        self.sock.close()
+
+
+def test_judge_refuses_redirects_and_never_sends_the_key_elsewhere(judge_server, monkeypatch):
+    monkeypatch.setenv("MY_JUDGE_KEY", SECRET)
+    elsewhere = RawServer(lambda c: c.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}"))
+    try:
+        for status in (301, 302, 303, 307, 308):
+            judge_server.behave = lambda index, body, headers: (status, {"Location": elsewhere.url + "/chat/completions"}, "", 0.0)
+            with pytest.raises(OracleError, match=f"HTTP {status} .*redirect .* refused"):
+                make_judge(judge_server, api_key_env="MY_JUDGE_KEY").rank(open_sample("x"), ["a", "b"])
+        assert elsewhere.requests == []                     # nothing, let alone the key, went there
+    finally:
+        elsewhere.close()
+
+
+def test_no_fragment_of_the_key_survives_a_cut_error_body(judge_server, monkeypatch):
+    monkeypatch.setenv("MY_JUDGE_KEY", SECRET)
+    for filler in (290, 295, 299, 2_000_000):       # the key straddles 300 (the message cut) or the read limit
+        body = "x" * (filler if filler < 1_000_000 else judge.MAX_REPLY_BYTES - 10) + SECRET + "y" * 50
+        judge_server.behave = lambda index, body_, headers, body=body: (400, {}, body, 0.0)
+        with pytest.raises(OracleError) as info:
+            make_judge(judge_server, api_key_env="MY_JUDGE_KEY").rank(open_sample("x"), ["a", "b"])
+        fragments = {SECRET[i:i + 6] for i in range(len(SECRET) - 5)}
+        assert not [f for f in fragments if f in str(info.value)], filler
+
+
+def test_a_trickling_judge_is_cut_off_at_max_seconds():
+    def trickle(connection):
+        connection.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 1000\r\n\r\n")
+        for _ in range(1000):                       # one byte every 50 ms: each read is quick, the body is not
+            connection.sendall(b" ")
+            time.sleep(0.05)
+    server = RawServer(trickle)
+    try:
+        judge = JudgeOracle(base_url=server.url, model="m", timeout=2.0, max_retries=3, max_seconds=1.0, backoff=0.01)
+        start = time.monotonic()
+        with pytest.raises(OracleError, match="max_seconds=1.0"):
+            judge.rank(open_sample("x"), ["a", "b"])
+        assert time.monotonic() - start < 1.6
+    finally:
+        server.close()
+
+
+def test_a_dead_judge_costs_a_batch_max_seconds_not_max_seconds_per_wave():
+    server = RawServer(lambda connection: time.sleep(30))      # accepts, never answers
+    try:
+        judge = JudgeOracle(base_url=server.url, model="m", timeout=10.0, max_retries=0, max_seconds=1.0)
+        start = time.monotonic()
+        results = judge.rank_many([open_sample("x", f"q{i}") for i in range(32)], [["a", "b"]] * 32, max_workers=8)
+        assert all(isinstance(r, OracleError) for r in results)
+        assert time.monotonic() - start < 2.0                    # 4 waves of 8 would take 4 s
+    finally:
+        server.close()
+
+
+def test_a_huge_reply_is_refused_without_reading_it_all():
+    size = 50 << 20
+
+    def huge(connection):
+        connection.sendall(f"HTTP/1.1 200 OK\r\nContent-Length: {size}\r\n\r\n".encode())
+        block = b"{" * (1 << 16)
+        for _ in range(size // len(block)):
+            connection.sendall(block)
+    server = RawServer(huge)
+    try:
+        judge = JudgeOracle(base_url=server.url, model="m", timeout=5.0, max_retries=0, max_seconds=20.0)
+        start = time.monotonic()
+        with pytest.raises(OracleError, match="larger than"):
+            judge.rank(open_sample("x"), ["a", "b"])
+        assert time.monotonic() - start < 5.0
+    finally:
+        server.close()
+
+
+def test_reply_parsing_is_linear_in_the_reply():
+    from judge import find_json, parse_ranking
+    for text in ("{" * 200_000, "{'a'" * 50_000 + "}" * 10, '{"x": ' * 30_000, '{"x": ' * 10_000 + "1" + "}" * 10_000,
+                 "{'a': {'a': 1}} " * 20_000):
+        start = time.monotonic()
+        assert find_json(text, "ranking") is None
+        with pytest.raises(ValueError):
+            parse_ranking(text, 3)
+        assert time.monotonic() - start < 1.0, text[:20]
+    assert find_json('noise {{ {"ranking": [2, 1]} }} more', "ranking") == {"ranking": [2, 1]}

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import checkpoint
 import train
 import train_step
 from configurator import configure
@@ -64,7 +65,7 @@ def small_rollout(sft_dir, synth, group_size=4, share_prefix=False):
     policy.add_lora(8, 16)
     policy.snapshot_reference()
     samples = load_jsonl(synth["train"])[:3]
-    frames, samples, _ = load_frames(samples, policy.config.num_frames)
+    frames, samples, _ = load_frames(samples, policy)
     batch = rollout(policy, samples, frames, group_size, max_new_tokens=4, generator=torch.Generator().manual_seed(0))
     return policy, batch
 
@@ -252,24 +253,25 @@ def test_checkpoint_never_holds_nonfinite_weights_and_survives_a_crash(sft_dir, 
         policy.projector[0].weight[0, 0] = float("nan")
     with pytest.raises(RuntimeError, match="non-finite"):
         train.save_checkpoint(path, policy, optimizer, {"step": 2}, master=True)
-    assert torch.load(os.path.join(path, "train_state.pt"), weights_only=False)["step"] == 1
+    assert checkpoint.load_state(path, "train_state")["step"] == 1
     # a crash between the two renames: the old checkpoint is still found and loads
     with torch.no_grad():
         policy.projector[0].weight[0, 0] = 0.0
     real_rename, calls = os.rename, []
 
-    def crash_on_second(src, dst):
+    def crash_on_second(src, dst):   # killed after PATH -> PATH.old, before PATH.tmp -> PATH
         calls.append(src)
-        if len(calls) == 2:
+        if src == path + ".tmp":
             raise KeyboardInterrupt("killed")
         real_rename(src, dst)
     monkeypatch.setattr(os, "rename", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
         train.save_checkpoint(path, policy, optimizer, {"step": 3}, master=True)
     monkeypatch.setattr(os, "rename", real_rename)
+    assert path in calls                                 # the old checkpoint had been moved aside
     found = train.latest_checkpoint(path)
     assert found == path + ".old"
-    assert torch.load(os.path.join(found, "train_state.pt"), weights_only=False)["step"] == 1
+    assert checkpoint.load_state(found, "train_state")["step"] == 1
     VideoLM.load(os.path.join(found, "model"))
 
 
@@ -387,3 +389,128 @@ def test_imports_flow_one_way():
         return any(dep == target or (dep not in seen and reaches(dep, target, seen + (dep,))) for dep in graph.get(start, ()))
     assert not [name for name in graph if reaches(name, name)], "an import cycle"
     assert "grpo_rank" in graph and not graph["grpo_rank"]          # the loss stands alone
+
+
+# ----------------------------------------------------------------------------- hostile input and faults
+
+def test_resume_never_unpickles_and_runs_no_code_from_a_checkpoint(synth, sft_dir, tmp_path):
+    out = str(tmp_path / "out")
+    run_train(*common(synth, sft_dir, out), "--max_steps=2", "--stop_after_steps=1")
+    ckpt, marker = os.path.join(out, "ckpt"), tmp_path / "pwned"
+    assert not [name for name in os.listdir(ckpt) if name.endswith((".pt", ".pkl", ".bin"))]   # nothing pickled
+
+    class Payload:
+        def __reduce__(self):
+            return (open, (str(marker), "w"))
+    torch.save({"step": 1, "payload": Payload()}, os.path.join(ckpt, "train_state.pt"))   # a crafted pickle
+    run_train(*common(synth, sft_dir, out), "--max_steps=2", "--resume=True")
+    assert not marker.exists() and [r["step"] for r in read_metrics(out)] == [1, 2]
+
+
+def test_resume_refuses_a_corrupted_training_state_naming_the_file(synth, sft_dir, tmp_path):
+    out = str(tmp_path / "out")
+    run_train(*common(synth, sft_dir, out), "--max_steps=2", "--stop_after_steps=1")
+    state = os.path.join(out, "ckpt", "train_state.safetensors")
+    with open(state, "r+b") as f:
+        f.seek(os.path.getsize(state) - 3)
+        f.write(b"\xff\xff\xff")
+    with pytest.raises(checkpoint.CheckpointError, match="train_state.safetensors: checksum mismatch"):
+        run_train(*common(synth, sft_dir, out), "--max_steps=2", "--resume=True")
+
+
+def test_resume_with_other_model_options_is_an_error_and_the_truth_is_recorded(synth, sft_dir, tmp_path):
+    out = str(tmp_path / "out")
+    run_train(*common(synth, sft_dir, out), "--max_steps=2", "--stop_after_steps=1", "--lora_r=4")
+    with pytest.raises(SystemExit, match=r"--lora_r=8 \(the checkpoint has 4\)"):
+        run_train(*common(synth, sft_dir, out), "--max_steps=2", "--resume=True", "--lora_r=8")
+    _, results = run_train(*common(synth, sft_dir, out), "--max_steps=2", "--resume=True")   # lora_r not given
+    assert results["config"]["lora_r"] == 4
+
+
+def test_a_step_skipped_in_its_second_pass_changes_no_weight(synth, sft_dir, tmp_path, monkeypatch):
+    importlib.reload(train_step)
+    module = importlib.reload(train)
+    real_loss, calls = train_step.grpo_rank_loss, []
+
+    def second_pass_nan(*args, **kwargs):   # step 1: pass 1 fine (an optimizer step is taken), pass 2 NaN
+        calls.append(1)
+        loss, stats = real_loss(*args, **kwargs)
+        return (loss * float("nan") if len(calls) == 2 else loss), stats
+    monkeypatch.setattr(train_step, "grpo_rank_loss", second_pass_nan)
+    out = str(tmp_path / "out")
+    with pytest.warns(UserWarning, match="non-finite loss or gradient"):
+        module.main(common(synth, sft_dir, out) + ["--max_steps=1", "--num_iterations=2"])
+    assert read_metrics(out)[0]["nonfinite_steps"] == 1
+    state = VideoLM.load(os.path.join(out, "ckpt", "model")).state_dict()
+    sft_state = VideoLM.load(sft_dir).state_dict()
+    assert all(torch.equal(state[n], sft_state[n]) for n in sft_state if n.startswith("projector."))
+    assert all(t.abs().max() == 0 for n, t in state.items() if "lora_B" in n)   # LoRA B starts at zero
+
+
+def test_the_abort_message_names_a_checkpoint_that_exists(synth, sft_dir, tmp_path, monkeypatch):
+    importlib.reload(train_step)
+    module = importlib.reload(train)
+    real_loss = train_step.grpo_rank_loss
+    monkeypatch.setattr(train_step, "grpo_rank_loss", lambda *a, **k: (real_loss(*a, **k)[0] * float("nan"), {}))
+    out = str(tmp_path / "out")
+    with pytest.raises(RuntimeError, match="No checkpoint was written yet; the run started from"), \
+            pytest.warns(UserWarning):
+        module.main(common(synth, sft_dir, out) + ["--max_steps=5", "--save_every=100"])
+    assert not os.path.exists(os.path.join(out, "ckpt"))
+
+
+def test_a_half_written_metrics_line_is_dropped_with_a_warning_on_resume(synth, sft_dir, tmp_path):
+    out = str(tmp_path / "out")
+    run_train(*common(synth, sft_dir, out), "--max_steps=2", "--stop_after_steps=1")
+    with open(os.path.join(out, "metrics.jsonl"), "a") as f:
+        f.write('{"step": 2, "loss": 0.1')                      # killed mid-write
+    with pytest.warns(UserWarning, match=r"metrics.jsonl:2: unreadable metrics line dropped"):
+        run_train(*common(synth, sft_dir, out), "--max_steps=2", "--resume=True")
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+
+
+@pytest.mark.parametrize("option, message", [
+    ("--save_every=0", "--save_every must be >= 1, got 0"), ("--max_new_tokens=0", "--max_new_tokens must be >= 1"),
+    ("--num_frames=0", "--num_frames must be >= 1"), ("--temperature=-1.0", "--temperature must be >= 0"),
+    ("--max_steps=-5", "--max_steps must be >= 0"), ("--lora_r=-1", "--lora_r must be >= 0"),
+    ("--eval_size=-1", "--eval_size must be >= 0"), ("--learning_rate=nan", "--learning_rate must be finite"),
+    ("--learning_rate=inf", "--learning_rate must be finite"), ("--top_p=1.5", r"--top_p must be in \[1e-09, 1\]"),
+    ("--judge_max_seconds=0.0", "--judge_max_seconds must be >= 0.001")])
+def test_numeric_options_are_checked_at_start(option, message, tmp_path):
+    with pytest.raises(SystemExit, match=message):
+        run_train(option, f"--out_dir={tmp_path / 'out'}")
+    assert not os.path.exists(tmp_path / "out")                # nothing was started
+
+
+def test_an_unwritable_out_dir_fails_before_any_training(synth, tmp_path, monkeypatch):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    trained = []
+    monkeypatch.setattr(train, "train_sft", lambda *a, **k: trained.append(1))
+    with pytest.raises(SystemExit, match="is not writable"):
+        train.main([f"--out_dir={blocker / 'out'}", f"--train_data={synth['train']}", f"--eval_data={synth['eval']}"])
+    assert not trained
+
+
+def test_temperature_zero_warns_that_there_is_nothing_to_learn(synth, sft_dir, tmp_path):
+    with pytest.warns(UserWarning, match="temperature=0 samples greedily"):
+        run_train(*common(synth, sft_dir, str(tmp_path / "out")), "--temperature=0.0", "--max_steps=0")
+
+
+def test_a_config_file_with_a_syntax_error_names_file_and_line(tmp_path):
+    config = tmp_path / "broken.py"
+    config.write_text("learning_rate = 3e-4\nbeta = (0.1\n")
+    with pytest.raises(SystemExit, match=r"broken.py:2: syntax error"):
+        run_train(str(config))
+    config.write_text("import os\nlearning_rate = os.getenv('LR')\n")            # read, never executed
+    with pytest.raises(SystemExit, match=r"broken.py:1: only `name = literal` assignments"):
+        run_train(str(config))
+
+
+def test_judge_time_limits_are_train_options():
+    module = importlib.reload(train)
+    configure(["--oracle=judge", "--judge_model=m", "--judge_timeout=2.0", "--judge_max_seconds=5.0",
+               "--judge_max_retries=1"], vars(module))
+    judge = module.build_oracle()
+    assert (judge.client["timeout"], judge.client["max_seconds"], judge.client["max_retries"]) == (2.0, 5.0, 1)
+    importlib.reload(train)

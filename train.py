@@ -14,8 +14,8 @@ Every default below can be overridden with --key=value, or by a config file (a .
 `name = literal` lines, or .json) given as a plain argument; later arguments win (configurator.py).
 """
 import json
+import math
 import os
-import shutil
 import sys
 import time
 import warnings
@@ -24,6 +24,7 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
+import checkpoint
 from configurator import barrier, configure, cosine_lr, option_keys, setup_distributed
 from data import load_jsonl
 from eval import evaluate, format_comparison
@@ -99,22 +100,80 @@ oracle_workers = 8           # concurrent rank requests (judge)
 judge_base_url = "http://127.0.0.1:8000/v1"
 judge_model = ""
 judge_api_key_env = "OPENAI_API_KEY"
+judge_timeout = 30.0         # seconds a judge request may wait for data
+judge_max_seconds = 60.0     # the Oracle's whole budget per step (all groups, retries included): a dead judge costs this
+judge_max_retries = 4
 reward_model = ""            # a local AutoModelForSequenceClassification dir
 # -----------------------------------------------------------------------------
 COUNTERS = ("oracle_failures", "skipped_samples", "nonfinite_groups", "nonfinite_steps")
-RUNTIME_OPTIONS = ("dtype", "load_in_4bit", "gradient_checkpointing", "num_frames")
+RUNTIME_OPTIONS = ("dtype", "load_in_4bit", "gradient_checkpointing", "num_frames")   # a checkpoint runs with these
+MODEL_OPTIONS = ("vision", "lm", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")   # it is made of these
+
+
+# numeric options: (lowest, highest) allowed, None = unbounded; every float must also be finite
+RANGES = {"save_every": (1, None), "eval_every": (0, None), "eval_size": (0, None), "eval_batch_size": (1, None),
+          "num_threads": (1, None), "stop_after_steps": (0, None), "num_train": (1, None), "num_eval": (0, None),
+          "max_bad_video_fraction": (0, 1), "num_frames": (1, None), "sft_steps": (0, None), "sft_batch_size": (1, None),
+          "sft_learning_rate": (0, None), "lora_r": (0, None), "lora_alpha": (1, None), "lora_dropout": (0, 0.99),
+          "num_generations": (2, None), "epsilon": (0, 1), "epsilon_high": (0, None), "beta": (0, None),
+          "temperature": (0, None), "top_p": (1e-9, 1), "max_new_tokens": (1, None), "num_iterations": (1, None),
+          "learning_rate": (1e-12, None), "weight_decay": (0, None), "grad_clip": (1e-12, None), "warmup_steps": (0, None),
+          "batch_size": (1, None), "epochs": (1, None), "max_steps": (0, None), "max_bad_steps": (1, None),
+          "oracle_workers": (1, None), "judge_timeout": (1e-3, None), "judge_max_seconds": (1e-3, None),
+          "judge_max_retries": (0, None)}
 
 
 def check_options():
+    """Every option's value, at start (before any data or model work), the message naming the option."""
     for name, value, choices in [("advantage", advantage, METHODS), ("dcg_kind", dcg_kind, DCG_KINDS),
                                  ("bound", bound, BOUNDS), ("ratio_policy", ratio_policy, ("rollout", "reference")),
                                  ("loss_agg", loss_agg, AGGS), ("oracle", oracle, ORACLE_NAMES)]:
         if value not in choices:
             raise SystemExit(f"--{name} must be one of {choices}, got {value!r}")
-    if num_generations < 2:
-        raise SystemExit(f"--num_generations must be at least 2 (a group to rank), got {num_generations}")
-    if num_iterations < 1 or batch_size < 1:
-        raise SystemExit("--num_iterations and --batch_size must be at least 1")
+    for name, (low, high) in RANGES.items():
+        value = globals()[name]
+        if isinstance(value, float) and not math.isfinite(value):
+            raise SystemExit(f"--{name} must be finite, got {value}")
+        if value < low or (high is not None and value > high):
+            raise SystemExit(f"--{name} must be " + (f"in [{low}, {high}]" if high is not None else f">= {low}")
+                             + f", got {value}")
+    if temperature == 0:
+        warnings.warn("temperature=0 samples greedily: the G responses of a group are identical, the Oracle ties "
+                      "them, and every advantage is zero (nothing to learn). Use a temperature > 0 for training.")
+
+
+def check_out_dir():
+    """Fail now, not after the warm start has trained, when out_dir cannot be written."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        probe = os.path.join(out_dir, f".writable{os.getpid()}")
+        with open(probe, "w") as f:
+            f.write("ok")
+        os.remove(probe)
+    except OSError as err:
+        raise SystemExit(f"--out_dir={out_dir} is not writable: {err}") from None
+
+
+def resume_from(ckpt_dir, given):
+    """--resume=True: the checkpoint to continue from (None: start fresh). The checkpoint's model is what
+    trains on: its LoRA and parts options are taken (and so recorded in results.json) where none were
+    given; a different value given explicitly is an error."""
+    found = latest_checkpoint(ckpt_dir)
+    if not found:
+        if os.path.exists(os.path.join(ckpt_dir, "train_state.pt")):
+            raise SystemExit(f"{ckpt_dir} is an older checkpoint with a pickled train_state.pt, which is never loaded "
+                             "(unpickling can run code): start a new run, or resume with the version that wrote it")
+        print(f"resume: no checkpoint in {ckpt_dir}, starting fresh")
+        return None
+    with open(os.path.join(found, "model", "config.json")) as f:
+        saved = json.load(f)["model"]
+    conflicts = [f"--{key}={globals()[key]!r} (the checkpoint has {saved[key]!r})" for key in MODEL_OPTIONS
+                 if key in given and globals()[key] != saved[key]]
+    if conflicts:
+        raise SystemExit(f"resume: {found} was trained with other model options: {', '.join(conflicts)}. Drop "
+                         "them to continue that run, or start a new one with another --out_dir.")
+    globals().update({key: saved[key] for key in MODEL_OPTIONS})
+    return found
 
 
 def runtime_overrides(given):
@@ -125,7 +184,8 @@ def runtime_overrides(given):
 
 def build_oracle():
     if oracle == "judge":
-        return make_oracle("judge", base_url=judge_base_url, model=judge_model, api_key_env=judge_api_key_env, seed=seed)
+        return make_oracle("judge", base_url=judge_base_url, model=judge_model, api_key_env=judge_api_key_env, seed=seed,
+                           timeout=judge_timeout, max_seconds=judge_max_seconds, max_retries=judge_max_retries)
     if oracle == "reward_model":
         return make_oracle("reward_model", path=reward_model)
     return make_oracle(oracle)
@@ -166,17 +226,14 @@ def warm_start(master, train_samples, device, overrides):
     return VideoLM.load(sft_dir, **overrides)
 
 
-def start_policy(master, train_samples, device, overrides, ckpt_dir):
-    """(policy, saved training state or None): the latest checkpoint with --resume=True, else the
-    warm start with LoRA added and the first reference snapshot (made before sharding)."""
-    found = latest_checkpoint(ckpt_dir) if resume else None
-    if resume and found is None and master:
-        print(f"resume: no checkpoint in {ckpt_dir}, starting fresh")
+def start_policy(master, train_samples, device, overrides, found):
+    """(policy, saved training state or None): the checkpoint `found` (checksums verified, nothing
+    unpickled), else the warm start with LoRA added and the first reference snapshot (before sharding)."""
     if found:
         if master:
             print(f"resuming from {found}")
-        state = torch.load(os.path.join(found, "train_state.pt"), map_location="cpu", weights_only=False)
-        return VideoLM.load(os.path.join(found, "model"), **overrides), state
+        checkpoint.verify(found)
+        return VideoLM.load(os.path.join(found, "model"), **overrides), checkpoint.load_state(found, "train_state")
     policy = warm_start(master, train_samples, device, overrides)
     if lora_r > 0 and not policy.has_lora:
         policy.add_lora(lora_r, lora_alpha, lora_dropout, lora_target_modules)
@@ -211,31 +268,24 @@ def full_state(policy, optimizer):
 
 
 def save_checkpoint(path, policy, optimizer, train_state, master):
-    """Write atomically: everything goes to PATH.tmp, then PATH.tmp replaces PATH. The previous
-    checkpoint stays until the new one is complete; one with non-finite weights is never written."""
+    """The policy (model/), the optimizer and the training state in one atomic, checksummed, pickle-free
+    directory (checkpoint.py); one with non-finite weights is never written."""
     model_state, optim_state = full_state(policy, optimizer)
     if master:
         bad = [name for name, tensor in model_state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
         if bad:
             raise RuntimeError(f"refusing to checkpoint non-finite weights ({bad[:3]}); last good checkpoint kept at {path}")
-        tmp, old = path + ".tmp", path + ".old"
-        shutil.rmtree(tmp, ignore_errors=True)
-        policy.save(os.path.join(tmp, "model"), state=model_state)
-        torch.save({**train_state, "optimizer": optim_state}, os.path.join(tmp, "train_state.pt"))
-        if os.path.exists(path):
-            shutil.rmtree(old, ignore_errors=True)
-            os.rename(path, old)
-        os.rename(tmp, path)
-        shutil.rmtree(old, ignore_errors=True)
+
+        def fill(directory):
+            policy.save(os.path.join(directory, "model"), state=model_state)
+            checkpoint.save_state(directory, "train_state", {**train_state, "optimizer": optim_state})
+        checkpoint.write_dir(path, fill)
     barrier()
 
 
 def latest_checkpoint(path):
-    """PATH, or PATH.old when a crash came between the two renames of save_checkpoint."""
-    for candidate in (path, path + ".old"):
-        if os.path.exists(os.path.join(candidate, "train_state.pt")):
-            return candidate
-    return None
+    """PATH, or PATH.old when a crash came between the two renames of a save; None if neither is complete."""
+    return checkpoint.latest(path)
 
 
 def training_state(step, steps_per_epoch, config, counters, before, generator, world):
@@ -263,11 +313,17 @@ def restore(policy, optimizer, generator, state, counters, rank, world):
 
 
 def keep_metrics_until(path, step):
-    """Drop the lines of steps after the checkpoint we resume from (a crashed run's tail)."""
+    """Drop the lines of steps after the checkpoint we resume from (a crashed run's tail), and any
+    half-written line (with a warning naming it)."""
     kept = []
     if step > 0 and os.path.exists(path):
         with open(path) as f:
-            kept = [line for line in f if line.strip() and json.loads(line)["step"] <= step]
+            for number, line in enumerate(f, start=1):
+                try:
+                    if line.strip() and json.loads(line)["step"] <= step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    warnings.warn(f"{path}:{number}: unreadable metrics line dropped (a run killed mid-write?)")
     with open(path, "w") as f:
         f.writelines(kept)
 
@@ -280,8 +336,11 @@ def append_jsonl(path, row):
 # ----------------------------------------------------------------------------- main
 
 def main(argv):
-    overrides = {**runtime_overrides(configure(argv, globals())), "share_prefix": share_prefix}
+    given = configure(argv, globals())
     check_options()
+    ckpt_dir = os.path.join(out_dir, "ckpt")
+    found = resume_from(ckpt_dir, given) if resume else None
+    overrides = {**runtime_overrides(given), "share_prefix": share_prefix}
     config = {k: globals()[k] for k in option_keys(globals())}
     rank, world, device = setup_distributed()
     master = rank == 0
@@ -289,7 +348,7 @@ def main(argv):
     torch.manual_seed(seed)
     timings, start = {}, time.time()
     if master:
-        os.makedirs(out_dir, exist_ok=True)
+        check_out_dir()
         print("config: " + json.dumps(config))
 
     train_samples, eval_samples = load_datasets(master)                  # the prompts D
@@ -300,8 +359,8 @@ def main(argv):
     total_steps = min(max_steps, epochs * steps_per_epoch)
     timings["data"] = time.time() - start
 
-    tick, ckpt_dir = time.time(), os.path.join(out_dir, "ckpt")
-    policy, state = start_policy(master, train_samples, device, overrides, ckpt_dir)   # pi_theta <- pi_SFT
+    tick = time.time()
+    policy, state = start_policy(master, train_samples, device, overrides, found)   # pi_theta <- pi_SFT
     timings["sft"] = time.time() - tick
     policy.disable_dropout()
     policy.to(device)
@@ -350,8 +409,10 @@ def main(argv):
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['sample_accuracy']:.2f}", ndcg=f"{row['ndcg_agreement']:.2f}")
         if bad_in_a_row >= max_bad_steps:   # after its metrics line, so the run's record is complete
-            raise RuntimeError(f"{bad_in_a_row} non-finite steps in a row at step {step}; stopping. "
-                               f"The last good checkpoint is {latest_checkpoint(ckpt_dir)}")
+            last = latest_checkpoint(ckpt_dir)   # skipped steps change no weight: every checkpoint is good
+            raise RuntimeError(f"{bad_in_a_row} non-finite steps in a row at step {step}; stopping. " +
+                               (f"The last good checkpoint is {last} (--resume=True continues from it)" if last else
+                                f"No checkpoint was written yet; the run started from {sft_checkpoint or os.path.join(out_dir, 'sft')}"))
         if eval_every and step % eval_every == 0 and step < total_steps and eval_samples:
             mid = evaluate(policy, eval_samples, batch_size=eval_batch_size, progress=False)
             if master:

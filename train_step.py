@@ -13,6 +13,7 @@ ranks all G responses of a prompt) and the processes agree, through all-reduces,
 non-finite step and on the metrics. Sharding the policy (FSDP2) is `shard` below.
 """
 import contextlib
+import copy
 import time
 import warnings
 from dataclasses import dataclass, fields
@@ -55,10 +56,11 @@ class StepConfig:
         return cls(**{f.name: options[f.name] for f in fields(cls)})
 
 
-def load_frames(samples, num_frames):
-    """Decode a batch's videos. Returns (frames (B', T, H, W, 3), kept samples, failed samples);
-    each failure is reported with a warning naming the sample and the file."""
-    frames, kept, failures = read_videos(samples, num_frames)
+def load_frames(samples, policy):
+    """Decode a batch's videos, each clip brought to the policy's input size as it is decoded.
+    Returns (frames uint8 (B', T, S, S, 3), kept samples, failed samples); each failure is reported
+    with a warning naming the sample and the file."""
+    frames, kept, failures = read_videos(samples, policy.config.num_frames, policy.fit_frames)
     for sample, err in failures:
         warnings.warn(f"skipping sample {sample['id']}: {err}")
     return frames, kept, [sample for sample, _ in failures]
@@ -151,7 +153,7 @@ def train_step(policy, optimizer, samples, oracle, config, lr, generator, step=0
     phase = timer or (lambda name: contextlib.nullcontext())
     device, group_size = policy.device, config.num_generations
     with phase("data"):                                                        # line 5
-        frames, samples, failed = load_frames(samples, policy.config.num_frames)
+        frames, samples, failed = load_frames(samples, policy)
         failed_total, seen_total = reduce_sum([len(failed), len(failed) + len(samples)], device)
         if failed_total > config.max_bad_video_fraction * seen_total:
             raise RuntimeError(f"step {step}: {int(failed_total)} of {int(seen_total)} videos failed to decode "
@@ -185,7 +187,9 @@ def train_step(policy, optimizer, samples, oracle, config, lr, generator, step=0
             group["lr"] = lr
         policy.train()
 
-    losses, loss_stats, nonfinite = [], [], False                            # line 10: mu passes
+    # line 10: mu passes. A non-finite loss or gradient skips the step on every process, and a skipped
+    # step changes nothing: the weights and optimizer state of before its first update are put back.
+    losses, loss_stats, nonfinite, before = [], [], False, None
     for _ in range(config.num_iterations):
         with phase("forward"):
             logp = completion_logprobs(policy, batch, with_entropy=config.entropy_coef != 0)
@@ -205,11 +209,20 @@ def train_step(policy, optimizer, samples, oracle, config, lr, generator, step=0
             grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
             if not torch.isfinite(grad_norm):
                 nonfinite = True
-                optimizer.zero_grad(set_to_none=True)
                 break
+            if before is None and config.num_iterations > 1:
+                before = ([p.detach().clone() for p in policy.trainable_parameters()],
+                          copy.deepcopy(optimizer.state_dict()))
             optimizer.step()
         losses.append(loss.item())
         loss_stats.append(stats)
+    if nonfinite:
+        optimizer.zero_grad(set_to_none=True)
+        if before is not None:
+            with torch.no_grad():
+                for param, saved in zip(policy.trainable_parameters(), before[0]):
+                    param.copy_(saved)
+            optimizer.load_state_dict(before[1])
 
     with phase("metrics"):   # means over this process's groups, then over processes
         valid_groups = max(1.0, valid.float().sum().item())
