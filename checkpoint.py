@@ -12,6 +12,8 @@ Checkpoint directories that a crash, a flipped byte or a crafted file cannot tur
     verify(path)                      raises CheckpointError naming the first bad file
     save_state(dir, name, state)      a nested dict of tensors, numbers, strings, lists -> name.json + name.safetensors
     load_state(dir, name)             and back
+    save_training / restore_training  the RL checkpoint: model/, optimizer, RNG, step (full, unsharded
+                                      state gathered from FSDP, so it loads on any world size)
 """
 import hashlib
 import json
@@ -19,6 +21,7 @@ import os
 import shutil
 
 import torch
+import torch.distributed as dist
 from safetensors.torch import load_file, save_file
 
 MANIFEST = "manifest.json"
@@ -102,12 +105,20 @@ def latest(path, marker=MANIFEST):
     return None
 
 
-def load_tensors(path):
-    """safetensors -> {name: tensor}, a damaged file reported by name."""
+def nonfinite(state):
+    """The names of the floating-point tensors of a state dict that hold NaN or inf."""
+    return [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
+
+
+def load_tensors(path, finite=False):
+    """safetensors -> {name: tensor}, a damaged file (or, with finite=True, NaN/inf weights) reported by name."""
     try:
-        return load_file(path)
+        state = load_file(path)
     except Exception as err:   # safetensors raises its own SafetensorError, or OSError
         raise CheckpointError(f"{path}: cannot read tensors ({type(err).__name__}: {err})") from None
+    if finite and nonfinite(state):
+        raise CheckpointError(f"{path}: non-finite weights in {nonfinite(state)[:5]}")
+    return state
 
 
 def save_state(directory, name, state):
@@ -157,3 +168,49 @@ def load_state(directory, name):
         return join(tree)
     except (KeyError, TypeError) as err:
         raise CheckpointError(f"{path}: malformed training state ({type(err).__name__}: {err})") from None
+
+
+# ----------------------------------------------------------------------------- the RL checkpoint
+
+def full_state(policy, optimizer):
+    """Full (unsharded) model and optimizer state dicts, keyed by parameter names, on the CPU."""
+    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
+                                                         get_optimizer_state_dict)
+    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(policy, options=options), get_optimizer_state_dict(policy, optimizer, options=options)
+
+
+def save_training(path, policy, optimizer, generator, state, master=True):
+    """The policy (model/), the optimizer, every process's sampling RNG and `state` (step, counters, ...)
+    in one checkpoint directory; one with non-finite weights is never written. All processes call it."""
+    model_state, optim_state = full_state(policy, optimizer)
+    generators = [generator.get_state().cpu()]
+    if dist.is_initialized():
+        generators = [None] * dist.get_world_size()
+        dist.all_gather_object(generators, generator.get_state().cpu())
+    if master:
+        if nonfinite(model_state):
+            raise RuntimeError(f"refusing to checkpoint non-finite weights ({nonfinite(model_state)[:3]}); "
+                               f"last good checkpoint kept at {path}")
+        rng = {"torch": torch.get_rng_state(), "generators": generators}
+
+        def fill(directory):
+            policy.save(os.path.join(directory, "model"), state=model_state)
+            save_state(directory, "train_state", {**state, "optimizer": optim_state, "rng": rng})
+        write_dir(path, fill)
+    if dist.is_initialized():
+        dist.barrier()
+
+
+def restore_training(policy, optimizer, generator, state, seed, rank, world):
+    """Continue from load_state(path, "train_state") -> (step, counters, before). The sampling stream
+    continues where it was when the process layout is the same; else it is reseeded from the step."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
+    set_optimizer_state_dict(policy, optimizer, optim_state_dict=state["optimizer"],
+                             options=StateDictOptions(full_state_dict=True))
+    torch.set_rng_state(state["rng"]["torch"])
+    if len(state["rng"]["generators"]) == world:
+        generator.set_state(state["rng"]["generators"][rank].to(generator.get_state().device))
+    else:
+        generator.manual_seed(seed + 1000 * rank + state["step"])
+    return state["step"], state["counters"], state["before"]

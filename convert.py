@@ -25,12 +25,11 @@ Output in --out:
 Safety: pickles (.bin) are unpickled only with torch.load(weights_only=True), and never when a
 safetensors file holding the same weights is there. Errors name the file and the tensor.
 
-How the converted model can differ from the original (model.py decides these, not the converter):
-LLaVA/VLM-RLAIF apply the projector to every frame's patch features and pool afterwards, model.py pools
-first. For a linear projector the two are identical (a mean commutes with an affine map); for
-mlp2x_gelu the GELU between the layers makes them differ (convert.py warns). The prompt differs too:
-LLaVA starts with BOS and a system line and puts "USER: <video>" and a newline before the question;
-model.py puts the visual tokens first, then "USER: question ASSISTANT:", without BOS.
+The converted model is VLM-RLAIF's own forward pass (test_convert.py checks the next-token logits
+against a reference written from its code's description, to 1e-4): CLIP hidden_states[-2] without CLS
+nor post-layernorm, frames padded to squares with CLIP's mean colour (image_aspect_ratio "pad"), bicubic
+resize and centre crop, the projector on every frame's patches then the spatio-temporal pooling, and
+the vicuna v1 prompt with BOS and the visual tokens at the <image> placeholder.
 """
 import dataclasses
 import gc
@@ -337,9 +336,6 @@ def convert(src_dir, out_dir, vision_path="", base_lm_dir="", projector_file="",
         looked = searched + [os.path.join(src_dir, name) for name in PROJECTOR_FILES + NON_LORA_FILES]
         raise ValueError(f"no projector weights (mm_projector.*) in {', '.join(looked)}; pass --projector=FILE")
     kind = projector_kind(declared, proj, proj_source)
-    if kind != "linear":
-        warnings.warn(f"projector {kind}: LLaVA projects every frame's patches and pools after, model.py pools "
-                      "first; for a non-linear projector the visual tokens differ from the original model's")
 
     # 3-4. the output, assembled in a temporary directory and moved into place at the end (checkpoint.py):
     # the vision tower (when the source carries its own), the clean LM directory, the model.py files
@@ -363,7 +359,9 @@ def convert(src_dir, out_dir, vision_path="", base_lm_dir="", projector_file="",
         staged = ModelConfig(vision=tower, lm=os.path.join(stage, "lm"), projector=kind, num_frames=frames,
                              vision_layer=meta.get("mm_vision_select_layer", -2),
                              vision_post_layernorm=False,   # LLaVA feeds pre-post-layernorm features
-                             dtype=dtype_name)
+                             project_first=True,            # LLaVA's encode_images, then the pooling
+                             image_pad=meta.get("image_aspect_ratio") == "pad",   # expand2square
+                             template="v1", dtype=dtype_name)
         model = VideoLM(staged)
         model.projector.load_state_dict({name: t.to(torch_dtype) for name, t in projector.items()})
         final = lambda p: os.path.join(out_dir, os.path.relpath(p, stage)) if p.startswith(stage) else p

@@ -1,12 +1,13 @@
 """
 The policy: a video-language model in the VLM-RLAIF / Video-ChatGPT mould (paper, Appendix A.1).
 
-    frames (T, H, W, 3) uint8
+    frames (T, H, W, 3) uint8 -> (padded to a square,) resized and centre-cropped as CLIPImageProcessor
       -> frozen CLIP ViT, patch features of the second-to-last layer, CLS dropped   (T, S, C)
       -> Video-ChatGPT pooling: T temporal tokens (mean over patches of each frame)
                                 + S spatial tokens (mean over frames of each patch)  (T + S, C)
-      -> projector (linear or 2-layer MLP)                                            (T + S, D)
-      -> causal LM fed [visual tokens, prompt tokens, answer tokens] as inputs_embeds
+      -> projector (linear or 2-layer MLP; before the pooling with project_first)   (T + S, D)
+      -> causal LM fed the prompt (data.build_prompt's template) with the visual tokens at its
+         IMAGE_TOKEN placeholder, then the answer tokens, as inputs_embeds
 
 The video is encoded once per prompt (`encode_video`); the G samples of a group and every
 log-prob pass reuse those features. LoRA (peft) goes on the LM; the reference policy of
@@ -26,11 +27,12 @@ import torch.nn as nn
 from safetensors.torch import save_file
 
 import checkpoint
-from data import build_prompt, clip_pixels, fit_frames
+from data import IMAGE, build_prompt, clip_pixels, fit_frames
 from rollout import sample_token
-from synth import synthetic_vocab, word_tokenizer
+from synth import tiny_lm, tiny_vision, word_tokenizer
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer"
+IMAGE_TOKEN = -200   # the prompt id standing for the visual tokens (LLaVA's IMAGE_TOKEN_INDEX)
 warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*")   # peft calls a deprecated name
 
 
@@ -52,6 +54,8 @@ class ModelConfig:
     gradient_checkpointing: bool = False
     share_prefix: bool = False    # score a group's G completions on one cached pass over their shared prompt
     image_pad: bool = False       # pad frames to a square with CLIP's mean colour first (VLM-RLAIF)
+    project_first: bool = False   # projector on every frame's patches, then the pooling (VLM-RLAIF)
+    template: str = "plain"       # data.TEMPLATES: "plain" (the tiny default) | "v1" (VLM-RLAIF's vicuna v1)
     # the tiny default: sized so the whole main job fits minutes on 2 CPU cores
     tiny_image_size: int = 32
     tiny_patch_size: int = 8
@@ -63,10 +67,9 @@ class ModelConfig:
 
     @classmethod
     def from_dict(cls, values):
-        known = {f.name for f in fields(cls)}
-        unknown = set(values) - known
+        unknown = set(values) - {f.name for f in fields(cls)}
         if unknown:
-            raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(known)}")
+            raise ValueError(f"unknown model config keys {sorted(unknown)}; known: {sorted(f.name for f in fields(cls))}")
         return cls(**values)
 
 
@@ -86,28 +89,13 @@ def _torch_dtype(name):
 
 def build_parts(config, vocab_words=None):
     """(vision tower, causal LM, tokenizer) from a ModelConfig: tiny ones from configs, or pretrained."""
-    from transformers import (AutoModelForCausalLM, AutoTokenizer, CLIPVisionConfig, CLIPVisionModel,
-                              LlamaConfig, LlamaForCausalLM)
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
     dtype = _torch_dtype(config.dtype)
     torch.manual_seed(config.seed)     # the tiny parts' random init is part of the config
-    if config.vision == "tiny":
-        hidden = config.tiny_vision_hidden
-        vision = CLIPVisionModel(CLIPVisionConfig(
-            hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=config.tiny_vision_layers,
-            num_attention_heads=4, image_size=config.tiny_image_size, patch_size=config.tiny_patch_size))
-    else:
-        vision = CLIPVisionModel.from_pretrained(config.vision, dtype=dtype)
-
+    vision = tiny_vision(config) if config.vision == "tiny" else CLIPVisionModel.from_pretrained(config.vision, dtype=dtype)
     if config.lm == "tiny":
-        if vocab_words is None:
-            vocab_words = synthetic_vocab()
-        tokenizer = word_tokenizer(vocab_words) if not config.tokenizer else AutoTokenizer.from_pretrained(config.tokenizer)
-        hidden = config.tiny_lm_hidden
-        lm = LlamaForCausalLM(LlamaConfig(
-            vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
-            num_hidden_layers=config.tiny_lm_layers, num_attention_heads=4, num_key_value_heads=4,
-            max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
-            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
+        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer) if config.tokenizer else word_tokenizer(vocab_words)
+        lm = tiny_lm(config, tokenizer)
     else:
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.lm)
         quantization = None
@@ -247,8 +235,9 @@ class VideoLM(nn.Module):
 
     @torch.no_grad()
     def encode_video(self, frames):
-        """uint8 (B, T, H, W, 3) -> pooled visual features (B, T + S, C), once per prompt.
-        The projector is applied later (`visual_tokens`), so the reference policy can use its own."""
+        """uint8 (B, T, H, W, 3) -> visual features, once per prompt: pooled (B, T + S, C), or with
+        project_first the frames' patches (B, T, S, C), pooled after the projector (visual_tokens).
+        The projector is applied later, so the reference policy can use its own."""
         self.encode_calls += 1
         batch, num_frames = frames.shape[:2]
         pixels = self.preprocess(frames.to(self.device)).to(self.vision.dtype)
@@ -257,14 +246,29 @@ class VideoLM(nn.Module):
         if self.config.vision_post_layernorm:
             patches = self.vision.post_layernorm(patches)
         patches = patches.reshape(batch, num_frames, patches.shape[1], patches.shape[2])   # (B, T, S, C)
-        return video_chatgpt_pool(patches)
+        return patches if self.config.project_first else video_chatgpt_pool(patches)
+
+    def visual_tokens(self, features, projector):
+        """encode_video's features -> (B, T + S, D) visual token embeddings. project_first (VLM-RLAIF):
+        the projector on every frame's patches, then the pooling; else pool, then project (the same for
+        a linear projector, not for mlp2x_gelu)."""
+        features = features.to(next(projector.parameters()).dtype)
+        return video_chatgpt_pool(projector(features)) if self.config.project_first else projector(features)
 
     # ------------------------------------------------------------------ text
 
     def encode_prompts(self, samples):
-        """Prompts of dataset rows -> (ids, mask), each (B, P) long, left-padded."""
-        texts = [build_prompt(s["question"], s.get("options")) for s in samples]
-        encoded = [self.tokenizer(text, add_special_tokens=False)["input_ids"] for text in texts]
+        """Prompts of dataset rows -> (ids, mask), each (B, P) long, left-padded; each row holds one
+        IMAGE_TOKEN where the visual tokens go. Like LLaVA's tokenizer_image_token, the text on either
+        side of the placeholder is tokenized on its own and only the first piece keeps a BOS."""
+        bos, encoded = self.tokenizer.bos_token_id, []
+        for sample in samples:
+            text = build_prompt(sample["question"], sample.get("options"), self.config.template)
+            pieces = [self.tokenizer(piece)["input_ids"] for piece in text.split(IMAGE)]
+            ids = pieces[0]
+            for piece in pieces[1:]:
+                ids = ids + [IMAGE_TOKEN] + (piece[1:] if bos is not None and piece[:1] == [bos] else piece)
+            encoded.append(ids)
         return pad(encoded, self.tokenizer.pad_token_id, self.device)
 
     def encode_answers(self, answers):
@@ -285,16 +289,20 @@ class VideoLM(nn.Module):
     # ------------------------------------------------------------------ the LM
 
     def prompt_embeddings(self, features, prompt_ids, prompt_mask, lm=None, projector=None):
-        """[visual tokens, prompt tokens], left-padded as one sequence.
-        features: (B, V, C); prompt_ids, prompt_mask: (B, P) -> embeds (B, V+P, D), mask (B, V+P)."""
+        """The prompt with the V visual tokens spliced in at its IMAGE_TOKEN, left-padded as one sequence.
+        features: encode_video's; prompt_ids, prompt_mask: (B, P) -> embeds (B, P-1+V, D), mask (B, P-1+V)."""
         lm = self.lm if lm is None else lm
-        projector = self.projector if projector is None else projector
-        visual = projector(features.to(next(projector.parameters()).dtype))
-        text = lm.get_input_embeddings()(prompt_ids)
-        embeds = torch.cat([visual.to(text.dtype), text], 1)
-        mask = torch.cat([torch.ones(visual.shape[:2], dtype=prompt_mask.dtype, device=prompt_mask.device), prompt_mask], 1)
-        order = torch.sort(mask, dim=1, stable=True).indices     # padding first, everything else in order
-        return embeds.gather(1, order.unsqueeze(-1).expand_as(embeds)), mask.gather(1, order)
+        visual = self.visual_tokens(features, self.projector if projector is None else projector)
+        text = lm.get_input_embeddings()(prompt_ids.clamp(min=0))
+        visual, length, count = visual.to(text.dtype), prompt_ids.shape[1], visual.shape[1]
+        at = (prompt_ids == IMAGE_TOKEN).long().argmax(1, keepdim=True)           # (B, 1) the placeholder
+        j = torch.arange(length - 1 + count, device=prompt_ids.device).unsqueeze(0)   # output positions
+        is_visual = (j >= at) & (j < at + count)
+        from_text = torch.where(j < at, j, j - count + 1).clamp(0, length - 1)   # skipping the placeholder
+        from_visual = (j - at).clamp(0, count - 1)
+        pick = lambda source, index: source.gather(1, index.unsqueeze(-1).expand(-1, -1, source.shape[-1]))
+        embeds = torch.where(is_visual.unsqueeze(-1), pick(visual, from_visual), pick(text, from_text))
+        return embeds, torch.where(is_visual, 1, prompt_mask.gather(1, from_text)).to(prompt_mask.dtype)
 
     def completion_logits(self, features, prompt_ids, prompt_mask, completion_ids, completion_mask,
                           group_size=1, reference=False):
@@ -343,8 +351,7 @@ class VideoLM(nn.Module):
         embeds, mask = self.prompt_embeddings(features, prompt_ids, prompt_mask)
         embeds, mask = embeds.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        count = embeds.shape[0]
-        done = torch.zeros(count, dtype=torch.bool, device=embeds.device)
+        done = torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
         tokens, keep = [], []
         out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), use_cache=True)
         for _ in range(max_new_tokens):
@@ -367,11 +374,8 @@ class VideoLM(nn.Module):
         when they were built from a config (tiny), since pretrained ones reload from their path."""
         if name.startswith(("projector.", "ref_projector.")) or "lora_" in name:
             return True
-        if name.startswith("vision."):
-            return self.config.vision == "tiny"
-        if name.startswith("ref_lm."):
-            return self.config.lm == "tiny"
-        return name.startswith("lm.") and self.config.lm == "tiny"
+        part = "vision" if name.startswith("vision.") else "lm" if name.startswith(("lm.", "ref_lm.")) else None
+        return part is not None and getattr(self.config, part) == "tiny"
 
     def save(self, path, state=None):
         """Weights (safetensors), config (JSON) and tokenizer into one directory, written atomically with
@@ -409,11 +413,7 @@ class VideoLM(nn.Module):
         model.config.tokenizer = meta["model"]["tokenizer"]
         if meta.get("reference"):
             model.snapshot_reference()
-        state = checkpoint.load_tensors(os.path.join(path, WEIGHTS))
-        bad = [name for name, tensor in state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-        if bad:
-            raise checkpoint.CheckpointError(f"{os.path.join(path, WEIGHTS)}: non-finite weights in {bad[:5]}")
-        own = model.state_dict()
+        state, own = checkpoint.load_tensors(os.path.join(path, WEIGHTS), finite=True), model.state_dict()
         missing = [name for name in own if model._saved(name) and name not in state]
         unexpected = [name for name in state if name not in own]
         mismatched = [f"{name} {tuple(state[name].shape)} vs {tuple(own[name].shape)}"

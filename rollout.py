@@ -9,7 +9,10 @@ sampling policy, the per-token entropy and the sequence log-prob
 from which GRPO_rank predicts the policy's ranking of the group (line 9).
 
 `completion_logprobs` is the one function that scores completions, for the policy being trained
-(with grad), the rollout policy (no grad) and the reference adapter (`reference=True`).
+(with grad), the rollout policy (no grad) and the reference adapter (`reference=True`). Every score
+is of the distribution the responses were sampled from: the logits divided by the temperature (as
+TRL does), so the ratio, l_i and the entropy describe what was sampled. (top_p's truncation is not
+scored, also as in TRL.)
 """
 from dataclasses import dataclass
 
@@ -20,7 +23,7 @@ import torch
 class Rollout:
     samples: list            # B dataset rows
     group_size: int          # G
-    features: torch.Tensor   # (B, V, C) pooled video features, encoded once
+    features: torch.Tensor   # VideoLM.encode_video's features of the B videos, encoded once
     prompt_ids: torch.Tensor     # (B, P) left-padded
     prompt_mask: torch.Tensor    # (B, P)
     completion_ids: torch.Tensor   # (B*G, L) right-padded after EOS; rows b*G .. b*G+G-1 are prompt b's
@@ -31,6 +34,7 @@ class Rollout:
     entropy: torch.Tensor          # (B*G, L) token entropies under the sampling policy
     seq_logp: torch.Tensor         # (B, G) l_i, Algorithm 1 line 8
     responses: list                # B lists of G decoded strings
+    temperature: float = 1.0       # the sampling temperature: every log-prob is of logits / temperature
 
 
 def sample_token(logits, temperature=1.0, top_p=1.0, greedy=False, generator=None):
@@ -46,15 +50,16 @@ def sample_token(logits, temperature=1.0, top_p=1.0, greedy=False, generator=Non
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
-def token_logprobs(logits, token_ids, with_entropy=False, chunk_tokens=1024):
-    """log pi(token) as logit - logsumexp, in float32, `chunk_tokens` positions at a time, so that
-    no float32 copy of the whole (N, L, vocab) logits is ever materialised: the peak extra memory
-    is a few chunk_tokens x vocab floats, whatever N and L are.
+def token_logprobs(logits, token_ids, with_entropy=False, chunk_tokens=1024, temperature=1.0):
+    """log pi(token) as logit - logsumexp of logits / temperature (0: greedy, scored at 1), in float32,
+    `chunk_tokens` positions at a time, so that no float32 copy of the whole (N, L, vocab) logits is
+    ever materialised: the peak extra memory is a few chunk_tokens x vocab floats, whatever N and L are.
     logits: (N, L, vocab), token_ids: (N, L) -> logp (N, L) [, entropy (N, L)]."""
     flat_logits, flat_ids = logits.reshape(-1, logits.shape[-1]), token_ids.reshape(-1)
-    logps, entropies = [], []
+    logps, entropies, scale = [], [], temperature if temperature > 0 else 1.0
     for start in range(0, flat_ids.shape[0], chunk_tokens):
         chunk = flat_logits[start:start + chunk_tokens].float()
+        chunk = chunk / scale if scale != 1.0 else chunk
         log_norm = torch.logsumexp(chunk, -1)
         chosen = chunk.gather(-1, flat_ids[start:start + chunk_tokens].unsqueeze(-1)).squeeze(-1)
         logps.append(chosen - log_norm)
@@ -70,7 +75,7 @@ def completion_logprobs(policy, batch, reference=False, with_entropy=False):
     logits = policy.completion_logits(batch.features, batch.prompt_ids, batch.prompt_mask,
                                       batch.completion_ids, batch.completion_mask,
                                       group_size=batch.group_size, reference=reference)
-    return token_logprobs(logits, batch.completion_ids, with_entropy)
+    return token_logprobs(logits, batch.completion_ids, with_entropy, temperature=batch.temperature)
 
 
 def tie_identical(seq_logp, completion_ids, completion_mask):
@@ -106,10 +111,10 @@ def rollout(policy, samples, frames, group_size, max_new_tokens=8, temperature=1
         loss_mask[truncated] = 0
     logits = policy.completion_logits(features, prompt_ids, prompt_mask, completion_ids, completion_mask,
                                       group_size=group_size)
-    old_logp, entropy = token_logprobs(logits, completion_ids, with_entropy=True)
+    old_logp, entropy = token_logprobs(logits, completion_ids, with_entropy=True, temperature=temperature)
     seq_logp = (old_logp * completion_mask).sum(-1).view(len(samples), group_size)
     texts = policy.decode(completion_ids, completion_mask)
     policy.train(was_training)
     return Rollout(samples, group_size, features, prompt_ids, prompt_mask, completion_ids, completion_mask,
                    loss_mask, truncated, old_logp, entropy, tie_identical(seq_logp, completion_ids, completion_mask),
-                   [texts[b * group_size:(b + 1) * group_size] for b in range(len(samples))])
+                   [texts[b * group_size:(b + 1) * group_size] for b in range(len(samples))], temperature)

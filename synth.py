@@ -1,6 +1,7 @@
 """
-The synthetic video-QA task, the embedded default (no downloads): coloured squares on a dark, noisy
-background, four categories whose answers need the video.
+The embedded default (no downloads): the synthetic video-QA task, its word-level tokenizer and the tiny
+random tower and LM. The task: coloured squares on a dark, noisy background, four categories whose
+answers need the video.
 
     colour    what colour is the square?          (6 colours)
     count     how many squares are there?         (one, two, three)
@@ -25,7 +26,7 @@ import numpy as np
 from tqdm import tqdm
 
 from configurator import configure
-from data import LETTERS, build_prompt, write_jsonl
+from data import IMAGE, LETTERS, build_prompt, write_jsonl
 
 # -----------------------------------------------------------------------------
 # defaults of the command line, overridable as --key=value
@@ -78,13 +79,15 @@ def synthetic_vocab():
 PAD, UNK, BOS, EOS = "<pad>", "<unk>", "<s>", "</s>"
 
 
-def word_tokenizer(words):
-    """A word-level tokenizer (lower-cased, punctuation split off) over `words` plus the template's."""
+def word_tokenizer(words=None):
+    """A word-level tokenizer (lower-cased, punctuation split off) over `words` (default: the synthetic
+    task's) plus the plain template's."""
     from tokenizers import Tokenizer, normalizers, pre_tokenizers
     from tokenizers.models import WordLevel
     from transformers import PreTrainedTokenizerFast
     splitter = pre_tokenizers.Whitespace()
-    template = build_prompt("", ["x"] * 4) + " " + " ".join(words) + " abcdefghijklmnopqrstuvwxyz "
+    words = synthetic_vocab() if words is None else words
+    template = build_prompt("", ["x"] * 4).replace(IMAGE, " ") + " " + " ".join(words) + " abcdefghijklmnopqrstuvwxyz "
     pieces = {piece.lower() for piece, _ in splitter.pre_tokenize_str(template)}
     pieces |= set(" ".join("abcdefghijklmnopqrstuvwxyz"))
     vocab = {token: i for i, token in enumerate([PAD, UNK, BOS, EOS] + sorted(pieces - {""}))}
@@ -93,6 +96,26 @@ def word_tokenizer(words):
     core.pre_tokenizer = splitter
     return PreTrainedTokenizerFast(tokenizer_object=core, pad_token=PAD, unk_token=UNK,
                                    bos_token=BOS, eos_token=EOS)
+
+
+def tiny_vision(config):
+    """The tiny default's CLIP vision tower, random, from model.ModelConfig's tiny_* sizes."""
+    from transformers import CLIPVisionConfig, CLIPVisionModel
+    hidden = config.tiny_vision_hidden
+    return CLIPVisionModel(CLIPVisionConfig(
+        hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=config.tiny_vision_layers,
+        num_attention_heads=4, image_size=config.tiny_image_size, patch_size=config.tiny_patch_size))
+
+
+def tiny_lm(config, tokenizer):
+    """The tiny default's LLaMA, random, from model.ModelConfig's tiny_* sizes, for `tokenizer`."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+    hidden = config.tiny_lm_hidden
+    return LlamaForCausalLM(LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden,
+        num_hidden_layers=config.tiny_lm_layers, num_attention_heads=4, num_key_value_heads=4,
+        max_position_embeddings=256, pad_token_id=tokenizer.pad_token_id,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
 
 
 def _place(rng, size, sides, gap):

@@ -21,8 +21,8 @@ IDS = torch.tensor([[2, 5, 9, 14, 7, 3], [4, 4, 11, 6, 20, 8]])
 
 # ----------------------------------------------------------------------------- tiny "pretrained" parts
 
-def tiny_llama(seed=0):
-    tokenizer = word_tokenizer(WORDS)
+def tiny_llama(seed=0, tokenizer=None):
+    tokenizer = tokenizer or word_tokenizer(WORDS)
     torch.manual_seed(seed)
     llama = LlamaForCausalLM(LlamaConfig(
         vocab_size=len(tokenizer), hidden_size=LM_HIDDEN, intermediate_size=2 * LM_HIDDEN, num_hidden_layers=2,
@@ -66,11 +66,11 @@ def write_malicious_bin(path, sentinel):
 
 
 def write_llava(path, kind="mlp2x_gelu", weights="safetensors", projector_inside=True, seed=0, config_extra=None,
-                extra_state=None):
+                extra_state=None, tokenizer=None):
     """A tiny LLaVA-style directory. weights: safetensors | sharded | bin | both (safetensors, plus a .bin
     that must never be unpickled). Returns (original llama, its tokenizer, projector tensors)."""
     os.makedirs(path, exist_ok=True)
-    llama, tokenizer = tiny_llama(seed)
+    llama, tokenizer = tiny_llama(seed, tokenizer)
     projector = known_projector(kind)
     state = {name: t.clone() for name, t in llama.state_dict().items()}
     if projector_inside:
@@ -165,11 +165,12 @@ def test_pretrained_path_encodes_video_without_post_layernorm_and_generates(conv
     policy = converted[1].eval()
     frames = torch.randint(0, 256, (2, FRAMES, 40, 48, 3), dtype=torch.uint8)
     features = policy.encode_video(frames)
-    assert features.shape == (2, FRAMES + 16, VISION_HIDDEN)
-    # LLaVA's features: hidden_states[-2], CLS dropped, no post_layernorm, then Video-ChatGPT pooling
+    assert features.shape == (2, FRAMES, 16, VISION_HIDDEN)        # project_first: pooled after the projector
+    # LLaVA's features: hidden_states[-2], CLS dropped, no post_layernorm
     hidden = policy.vision(pixel_values=policy.preprocess(frames), output_hidden_states=True).hidden_states[-2]
-    expected = video_chatgpt_pool(hidden[:, 1:].reshape(2, FRAMES, 16, VISION_HIDDEN))
-    assert torch.allclose(features, expected, atol=1e-6)
+    assert torch.allclose(features, hidden[:, 1:].reshape(2, FRAMES, 16, VISION_HIDDEN), atol=1e-6)
+    tokens = policy.visual_tokens(features, policy.projector)
+    assert torch.allclose(tokens, video_chatgpt_pool(policy.projector(features)), atol=1e-6)
     ids, mask = policy.encode_prompts([{"question": "what colour is the square?"}, {"question": "how many?"}])
     tokens, keep, truncated = policy.generate(features, ids, mask, group_size=2, max_new_tokens=3, greedy=True)
     assert tokens.shape[0] == 4 and tokens.shape[1] <= 3 and keep.shape == tokens.shape and truncated.shape == (4,)
@@ -269,8 +270,7 @@ def test_vision_hidden_size_mismatch(vision_dir, tmp_path):
 def test_separate_projector_file(vision_dir, tmp_path):
     llama, _, projector = write_llava(tmp_path / "src", projector_inside=False)
     torch.save({f"model.mm_projector.{k}": v for k, v in projector.items()}, tmp_path / "src" / "mm_projector.bin")
-    with pytest.warns(UserWarning, match="pools first"):   # mlp2x_gelu: the pooling order matters
-        policy = run(tmp_path / "src", tmp_path / "out", vision_dir)
+    policy = run(tmp_path / "src", tmp_path / "out", vision_dir)   # mlp2x_gelu: projected, then pooled, as LLaVA
     assert_projector(policy, projector)
     assert_same_logits(policy, llama)
     # --projector=FILE, bare keys, overrides what the source holds
@@ -354,3 +354,109 @@ def test_bench_gpu_cpu_smoke(tmp_path):
     assert rank["generated_tokens_per_step"] > 0 and rank["generation_tokens_per_s"] > 0
     assert all(seconds >= 0 for seconds in rank["phases_s"].values())
     assert sum(rank["split"].values()) <= rank["step_s"] * 1.01
+
+
+# ----------------------------------------------------------------------------- the same model as VLM-RLAIF's
+
+# Written from the description of VLM-RLAIF's code (its conversation template "v1", tokenizer_image_token,
+# expand2square + CLIPImageProcessor, encode_images then the spatio-temporal pooling), not from model.py.
+V1_SYSTEM_TEXT = ("A chat between a curious user and an artificial intelligence assistant. "
+                  "The assistant gives helpful, detailed, and polite answers to the user's questions.")
+QUESTIONS = ["what colour is the square?", "how many squares are there?"]
+
+
+def llama_style_tokenizer():
+    """What matters of LLaMA's tokenizer here, built locally: every tokenized piece of text gets a BOS,
+    and sentencepiece's "▁" before its first word, so the text on each side of <image> gets its own."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+    split = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    texts = [V1_SYSTEM_TEXT + " USER: "] + [f"\n{q} ASSISTANT:" for q in QUESTIONS] + [" ".join(WORDS)]
+    pieces = sorted({piece for text in texts for piece, _ in split.pre_tokenize_str(text)})
+    core = Tokenizer(models.WordLevel({t: i for i, t in enumerate(["<unk>", "<s>", "</s>", "<pad>"] + pieces)},
+                                      unk_token="<unk>"))
+    core.pre_tokenizer, core.decoder = split, decoders.Metaspace(replacement="\u2581", prepend_scheme="first")
+    core.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>", unk_token="<unk>",
+                                   pad_token="<pad>")
+
+
+@torch.no_grad()
+def vlm_rlaif_next_token_logits(lm, tokenizer, vision_dir, projector, kind, frames, question):
+    """VLM-RLAIF's forward pass for one video and question -> the logits of the first answer token."""
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+    processor = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32})
+    squares = []
+    for frame in frames.numpy():                       # expand2square: centred on the mean colour
+        image = Image.fromarray(frame)
+        side = max(image.size)
+        square = Image.new("RGB", (side, side), tuple(int(x * 255) for x in processor.image_mean))
+        square.paste(image, ((side - image.width) // 2, (side - image.height) // 2))
+        squares.append(square)
+    pixels = torch.as_tensor(processor(images=squares, return_tensors="np")["pixel_values"])
+    tower = CLIPVisionModel.from_pretrained(vision_dir).eval()
+    patches = tower(pixel_values=pixels, output_hidden_states=True).hidden_states[-2][:, 1:]   # no CLS, no post-LN
+    if kind == "linear":
+        projected = patches @ projector["weight"].T + projector["bias"]
+    else:
+        hidden = torch.nn.functional.gelu(patches @ projector["0.weight"].T + projector["0.bias"])
+        projected = hidden @ projector["2.weight"].T + projector["2.bias"]
+    visual = torch.cat([projected.mean(1), projected.mean(0)])      # T temporal means, then S spatial means
+    before, after = [tokenizer(text)["input_ids"] for text in
+                     f"{V1_SYSTEM_TEXT} USER: <image>\n{question} ASSISTANT:".split("<image>")]
+    assert before[0] == after[0] == tokenizer.bos_token_id          # one BOS kept, at the start
+    embed = lm.get_input_embeddings()
+    embeds = torch.cat([embed(torch.tensor(before)), visual, embed(torch.tensor(after[1:]))]).unsqueeze(0)
+    return lm(inputs_embeds=embeds).logits[0, -1]
+
+
+@torch.no_grad()
+def videolm_next_token_logits(policy, frames, question):
+    from model import positions
+    features = policy.encode_video(frames.unsqueeze(0))
+    ids, mask = policy.encode_prompts([{"question": question}])
+    embeds, mask = policy.prompt_embeddings(features, ids, mask)
+    return policy.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask)).logits[0, -1]
+
+
+def write_layout(root, kind, layout):
+    """A VLM-RLAIF checkpoint in `layout` (full | projector_file | lora) -> (convert options, the
+    reference LM, its tokenizer, the projector tensors)."""
+    tokenizer = llama_style_tokenizer()
+    if layout != "lora":
+        llama, _, projector = write_llava(root / "src", kind=kind, tokenizer=tokenizer,
+                                          projector_inside=layout == "full", seed=5)
+        if layout == "projector_file":
+            torch.save({f"model.mm_projector.{k}": v for k, v in projector.items()}, root / "src" / "mm_projector.bin")
+        return {}, llama, tokenizer, projector
+    from peft import LoraConfig, get_peft_model
+    base, _ = tiny_llama(seed=6, tokenizer=tokenizer)
+    base.save_pretrained(root / "base")
+    tokenizer.save_pretrained(root / "base")
+    torch.manual_seed(7)
+    adapted = get_peft_model(base, LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
+                                              init_lora_weights=False)).eval()
+    adapted.save_pretrained(root / "src")
+    projector = known_projector(kind)
+    torch.save({f"base_model.model.model.mm_projector.{k}": v for k, v in projector.items()},
+               root / "src" / "non_lora_trainables.bin")
+    with open(root / "src" / "config.json", "w") as f:
+        json.dump(llava_config(base, kind), f)
+    return {"base_lm_dir": str(root / "base")}, adapted, tokenizer, projector
+
+
+@pytest.mark.parametrize("kind, layout, height, width", [
+    ("mlp2x_gelu", "full", 24, 40), ("linear", "full", 48, 80), ("mlp2x_gelu", "full", 32, 32),
+    ("mlp2x_gelu", "projector_file", 40, 24), ("linear", "lora", 24, 40), ("mlp2x_gelu", "lora", 60, 36)])
+def test_converted_checkpoint_is_vlm_rlaifs_model(vision_dir, tmp_path, kind, layout, height, width):
+    options, reference_lm, tokenizer, projector = write_layout(tmp_path, kind, layout)
+    policy = run(tmp_path / "src", tmp_path / "out", vision_dir, **options).eval()   # no extra flags
+    config = policy.config
+    assert (config.template, config.project_first, config.image_pad, config.vision_post_layernorm) == ("v1", True, True, False)
+    frames = torch.randint(0, 256, (FRAMES, height, width, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(height))
+    for question in QUESTIONS:
+        expected = vlm_rlaif_next_token_logits(reference_lm, tokenizer, vision_dir, projector, kind, frames, question)
+        got = videolm_next_token_logits(policy, frames, question)
+        assert got.shape == expected.shape and (got - expected).abs().max() < 1e-4, (got - expected).abs().max()
+        assert expected.std() > 0.05                       # a real comparison, not two near-constant vectors

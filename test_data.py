@@ -11,6 +11,7 @@ import numpy as np
 import pytest
 import torch
 
+import benchmarks
 import data
 import synth
 from data import DatasetError, VideoError
@@ -216,7 +217,7 @@ def test_convert_msvd_qa(tmp_path):
         {"video_name": "vid123", "question": "what is a man doing?", "answer": "dance", "question_id": "v_1"},
         {"video_id": 7, "question": "who sings?", "answer": "woman", "question_id": 2},
     ])
-    rows = data.convert_msvd_qa(ann, "vids")
+    rows = benchmarks.convert_msvd_qa(ann, "vids")
     assert rows[0] == {"id": "v_1", "video": os.path.abspath("vids/vid123.avi"),
                        "question": "what is a man doing?", "answer": "dance"}
     assert rows[1]["video"] == os.path.abspath("vids/vid7.avi") and rows[1]["id"] == "2"
@@ -230,12 +231,12 @@ def test_convert_msrvtt_qa_and_missing_field(tmp_path):
         {"video_name": "video7010", "question": "what is shown?", "answer": "car", "question_id": 0},
         {"video_id": 7011, "question": "what plays?", "answer": "guitar", "id": 1},
     ])
-    rows = data.convert_msrvtt_qa(ann, str(tmp_path))
+    rows = benchmarks.convert_msrvtt_qa(ann, str(tmp_path))
     assert [r["video"] for r in rows] == [str(tmp_path / "video7010.mp4"), str(tmp_path / "video7011.mp4")]
     assert [r["id"] for r in rows] == ["0", "1"]
     bad = dump(tmp_path / "bad.json", [{"video_name": "video1", "answer": "x", "question_id": 5}])
     with pytest.raises(DatasetError, match=r"bad.json: entry 0 \(question_id=5\): missing field 'question'"):
-        data.convert_msrvtt_qa(bad, str(tmp_path))
+        benchmarks.convert_msrvtt_qa(bad, str(tmp_path))
 
 
 def test_convert_activitynet_qa(tmp_path):
@@ -247,13 +248,13 @@ def test_convert_activitynet_qa(tmp_path):
         {"answer": "red", "type": 4, "question_id": "def_0"},
         {"answer": "dancing", "type": 0, "question_id": "abc_1"},
     ])
-    rows = data.convert_activitynet_qa(q, a, "anet")
+    rows = benchmarks.convert_activitynet_qa(q, a, "anet")
     assert rows[0] == {"id": "abc_1", "video": os.path.abspath("anet/v_abc.mp4"),
                        "question": "what is the person doing", "answer": "dancing", "category": "motion"}
     assert rows[1]["category"] == "color" and rows[1]["answer"] == "red"
     lonely = dump(tmp_path / "a2.json", [{"answer": "red", "type": 4, "question_id": "def_0"}])
     with pytest.raises(DatasetError, match=r"test_q.json: entry 0 \(question_id='abc_1'\): no answer"):
-        data.convert_activitynet_qa(q, lonely, "anet")
+        benchmarks.convert_activitynet_qa(q, lonely, "anet")
 
 
 @pytest.mark.parametrize("lines", [False, True])
@@ -264,7 +265,7 @@ def test_convert_videomme(tmp_path, lines):
            "question": "How many people are shown?", "options": ["A. One.", "B. Two.", "C. Three.", "D. U.S."],
            "answer": "C"}
     ann = dump(tmp_path / "videomme.json", [row, dict(row, question_id="001-2", answer="A")], lines=lines)
-    rows = data.convert_videomme(ann, "mme")
+    rows = benchmarks.convert_videomme(ann, "mme")
     assert rows[0]["options"] == ["One.", "Two.", "Three.", "U.S."]
     assert rows[0]["video"] == os.path.abspath("mme/fFjv93ACGo8.mp4")
     assert (rows[0]["category"], rows[0]["duration"], rows[0]["answer"]) == ("Counting Problem", "short", "C")
@@ -273,13 +274,13 @@ def test_convert_videomme(tmp_path, lines):
     assert [r["answer"] for r in data.load_jsonl(out)] == ["C", "A"]
     bad = dump(tmp_path / "bad.json", [dict(row, answer="E")])
     with pytest.raises(DatasetError, match=r"bad.json: entry 0 \(question_id='001-1'\): answer 'E'"):
-        data.convert_videomme(bad, "mme")
+        benchmarks.convert_videomme(bad, "mme")
 
 
 def test_convert_cli(tmp_path):
     ann = dump(tmp_path / "qa.json", [{"video_name": "vid1", "question": "q?", "answer": "a", "question_id": 1}])
     out = tmp_path / "out.jsonl"
-    result = subprocess.run([sys.executable, "data.py", "--benchmark=msvd_qa", f"--annotations={ann}",
+    result = subprocess.run([sys.executable, "benchmarks.py", "--benchmark=msvd_qa", f"--annotations={ann}",
                              f"--video_dir={tmp_path}", f"--out={out}"],
                             cwd=os.path.dirname(os.path.abspath(data.__file__)), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr

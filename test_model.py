@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import model
 import sft
-from data import build_prompt, load_jsonl, load_video
+from data import IMAGE, build_prompt, load_jsonl, load_video
 from model import ModelConfig, VideoLM, make_projector
 from rollout import sample_token
 from synth import make_synthetic_dataset, synthetic_vocab, word_tokenizer
@@ -519,18 +519,26 @@ def test_word_tokenizer_round_trip(tiny, train_samples):
     for sample, row_ids, row_mask in zip(samples, ids.tolist(), mask.tolist()):
         assert row_mask == sorted(row_mask)                       # left padded
         kept = [i for i, m in zip(row_ids, row_mask) if m]
+        assert kept[0] == model.IMAGE_TOKEN                      # the plain template: the video first
+        kept = kept[1:]
         assert unk not in kept
-        words = re.findall(r"\w+|[^\w\s]+", build_prompt(sample["question"], sample.get("options")).lower())
+        text = build_prompt(sample["question"], sample.get("options")).replace(IMAGE, "")
+        words = re.findall(r"\w+|[^\w\s]+", text.lower())
         assert tiny.tokenizer.convert_ids_to_tokens(kept) == words
         assert tiny.tokenizer.decode(kept).split() == words
 
 
 def test_build_prompt():
-    assert build_prompt("  what colour is the square ? ") == "USER: what colour is the square ? ASSISTANT:"
+    assert build_prompt("  what colour is the square ? ") == "<image>USER: what colour is the square ? ASSISTANT:"
     prompt = build_prompt("what colour is the square ?", ["red", "blue", "green"])
-    assert prompt.startswith("USER: what colour is the square ?")
+    assert prompt.startswith("<image>USER: what colour is the square ?")
     assert "(A) red (B) blue (C) green" in prompt and "(D)" not in prompt
     assert prompt.endswith("ASSISTANT:")
+    assert build_prompt("what is the man doing?", template="v1") == (   # VLM-RLAIF's vicuna v1
+        "A chat between a curious user and an artificial intelligence assistant. The assistant gives helpful, "
+        "detailed, and polite answers to the user's questions. USER: <image>\nwhat is the man doing? ASSISTANT:")
+    with pytest.raises(ValueError, match="template must be one of"):
+        build_prompt("q", template="llava_v0")
 
 
 # ----------------------------------------------------------------------------- sampling

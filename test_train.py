@@ -107,6 +107,29 @@ def test_ratio_is_exactly_one_on_the_first_pass(sft_dir, synth, share_prefix):
     assert torch.equal(ratio, torch.ones_like(ratio))
 
 
+@torch.no_grad()
+def test_scores_are_of_the_tempered_distribution_that_was_sampled(sft_dir, synth):
+    # at T = 0.5, how often each first answer token is drawn matches exp(old_logp), the probability the
+    # ratio, l_i and the entropy use; the untempered softmax would not
+    from train_step import load_frames
+    policy = VideoLM.load(sft_dir)
+    frames, samples, _ = load_frames(load_jsonl(synth["train"])[:1], policy)
+    draws = 4000
+    batch = rollout(policy, samples, frames, draws, max_new_tokens=1, temperature=0.5,
+                    generator=torch.Generator().manual_seed(0))
+    first, reported = batch.completion_ids[:, 0], batch.old_logp[:, 0].exp()
+    plain = torch.softmax(policy.completion_logits(batch.features, batch.prompt_ids, batch.prompt_mask,
+                                                   batch.completion_ids, batch.completion_mask, draws)[:, 0], -1)
+    gaps, plain_gaps = [], []
+    for token in first.unique():
+        frequency = (first == token).float().mean().item()
+        gaps.append(abs(frequency - reported[first == token][0].item()))
+        plain_gaps.append(abs(frequency - plain[0, token].item()))
+    assert max(gaps) < 0.03 and sum(gaps) < 0.1, gaps             # L1 distance over the tokens drawn
+    assert sum(plain_gaps) > 0.3, plain_gaps                        # the test tells the two apart
+    assert torch.equal(completion_logprobs(policy, batch), batch.old_logp)   # every pass scores the same way
+
+
 def test_reference_is_frozen_within_an_epoch_and_refreshed_at_its_start(sft_dir, synth, tmp_path):
     policy, batch = small_rollout(sft_dir, synth)
     with torch.no_grad():
@@ -248,11 +271,12 @@ def test_checkpoint_never_holds_nonfinite_weights_and_survives_a_crash(sft_dir, 
     policy = VideoLM.load(sft_dir)
     optimizer = torch.optim.AdamW(policy.trainable_parameters())
     path = str(tmp_path / "ckpt")
-    train.save_checkpoint(path, policy, optimizer, {"step": 1}, master=True)
+    generator = torch.Generator()
+    checkpoint.save_training(path, policy, optimizer, generator, {"step": 1})
     with torch.no_grad():
         policy.projector[0].weight[0, 0] = float("nan")
     with pytest.raises(RuntimeError, match="non-finite"):
-        train.save_checkpoint(path, policy, optimizer, {"step": 2}, master=True)
+        checkpoint.save_training(path, policy, optimizer, generator, {"step": 2})
     assert checkpoint.load_state(path, "train_state")["step"] == 1
     # a crash between the two renames: the old checkpoint is still found and loads
     with torch.no_grad():
@@ -266,10 +290,10 @@ def test_checkpoint_never_holds_nonfinite_weights_and_survives_a_crash(sft_dir, 
         real_rename(src, dst)
     monkeypatch.setattr(os, "rename", crash_on_second)
     with pytest.raises(KeyboardInterrupt):
-        train.save_checkpoint(path, policy, optimizer, {"step": 3}, master=True)
+        checkpoint.save_training(path, policy, optimizer, generator, {"step": 3})
     monkeypatch.setattr(os, "rename", real_rename)
     assert path in calls                                 # the old checkpoint had been moved aside
-    found = train.latest_checkpoint(path)
+    found = checkpoint.latest(path)
     assert found == path + ".old"
     assert checkpoint.load_state(found, "train_state")["step"] == 1
     VideoLM.load(os.path.join(found, "model"))

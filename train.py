@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import checkpoint
 from configurator import barrier, configure, cosine_lr, option_keys, setup_distributed
-from data import load_jsonl
+from data import TEMPLATES, load_jsonl
 from eval import evaluate, format_comparison
 from grpo_rank import AGGS, BOUNDS, DCG_KINDS, METHODS
 from model import ModelConfig, VideoLM
@@ -62,6 +62,11 @@ dtype = "float32"
 load_in_4bit = False         # QLoRA (CUDA only)
 gradient_checkpointing = False
 share_prefix = True          # score each group on one cached pass over its shared [video, prompt] prefix (bench.py: 4.9x)
+# how a model built here (no --sft_checkpoint) sees and reads; a checkpoint (convert.py's) keeps its own
+vision_post_layernorm = "auto"   # "auto": on for the tiny tower (it needs it), off for pretrained ones (LLaVA) | "true" | "false"
+project_first = False        # True: projector on every frame's patches, then the pooling (VLM-RLAIF)
+image_pad = False            # True: frames padded to a square with CLIP's mean colour (VLM-RLAIF)
+template = "plain"           # "plain" | "v1": VLM-RLAIF's vicuna v1 prompt
 sft_checkpoint = ""          # start RL from this model.py checkpoint; empty: out_dir/sft, trained if missing
 sft_steps = 300
 sft_batch_size = 32
@@ -127,7 +132,8 @@ def check_options():
     """Every option's value, at start (before any data or model work), the message naming the option."""
     for name, value, choices in [("advantage", advantage, METHODS), ("dcg_kind", dcg_kind, DCG_KINDS),
                                  ("bound", bound, BOUNDS), ("ratio_policy", ratio_policy, ("rollout", "reference")),
-                                 ("loss_agg", loss_agg, AGGS), ("oracle", oracle, ORACLE_NAMES)]:
+                                 ("loss_agg", loss_agg, AGGS), ("oracle", oracle, ORACLE_NAMES), ("template", template, TEMPLATES),
+                                 ("vision_post_layernorm", vision_post_layernorm, ("auto", "true", "false"))]:
         if value not in choices:
             raise SystemExit(f"--{name} must be one of {choices}, got {value!r}")
     for name, (low, high) in RANGES.items():
@@ -158,7 +164,7 @@ def resume_from(ckpt_dir, given):
     """--resume=True: the checkpoint to continue from (None: start fresh). The checkpoint's model is what
     trains on: its LoRA and parts options are taken (and so recorded in results.json) where none were
     given; a different value given explicitly is an error."""
-    found = latest_checkpoint(ckpt_dir)
+    found = checkpoint.latest(ckpt_dir)
     if not found:
         if os.path.exists(os.path.join(ckpt_dir, "train_state.pt")):
             raise SystemExit(f"{ckpt_dir} is an older checkpoint with a pickled train_state.pt, which is never loaded "
@@ -212,10 +218,12 @@ def warm_start(master, train_samples, device, overrides):
     sft_dir = os.path.join(out_dir, "sft")
     if not os.path.exists(os.path.join(sft_dir, "config.json")):
         if master:
+            layernorm = vision == "tiny" if vision_post_layernorm == "auto" else vision_post_layernorm == "true"
             model_config = ModelConfig(vision=vision, lm=lm, tokenizer=tokenizer, num_frames=num_frames, dtype=dtype,
                                        load_in_4bit=load_in_4bit, gradient_checkpointing=gradient_checkpointing,
                                        lora_r=0 if lm == "tiny" else lora_r, lora_alpha=lora_alpha,
-                                       lora_target_modules=lora_target_modules, seed=seed)
+                                       lora_target_modules=lora_target_modules, vision_post_layernorm=layernorm,
+                                       project_first=project_first, image_pad=image_pad, template=template, seed=seed)
             policy = VideoLM(model_config).to(device)
             print(f"sft: no checkpoint at {sft_dir}; training the warm start for {sft_steps} steps")
             if sft_steps == 0:
@@ -256,61 +264,7 @@ def prompts_of_process(batch_index, rank, world):
     return batch_index[rank::world].tolist()
 
 
-# ----------------------------------------------------------------------------- checkpoints
-
-def full_state(policy, optimizer):
-    """Full (unsharded) model and optimizer state dicts, keyed by parameter names, on the CPU, so
-    a checkpoint loads on any world size."""
-    from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict,
-                                                         get_optimizer_state_dict)
-    options = StateDictOptions(full_state_dict=True, cpu_offload=True)
-    return get_model_state_dict(policy, options=options), get_optimizer_state_dict(policy, optimizer, options=options)
-
-
-def save_checkpoint(path, policy, optimizer, train_state, master):
-    """The policy (model/), the optimizer and the training state in one atomic, checksummed, pickle-free
-    directory (checkpoint.py); one with non-finite weights is never written."""
-    model_state, optim_state = full_state(policy, optimizer)
-    if master:
-        bad = [name for name, tensor in model_state.items() if tensor.is_floating_point() and not torch.isfinite(tensor).all()]
-        if bad:
-            raise RuntimeError(f"refusing to checkpoint non-finite weights ({bad[:3]}); last good checkpoint kept at {path}")
-
-        def fill(directory):
-            policy.save(os.path.join(directory, "model"), state=model_state)
-            checkpoint.save_state(directory, "train_state", {**train_state, "optimizer": optim_state})
-        checkpoint.write_dir(path, fill)
-    barrier()
-
-
-def latest_checkpoint(path):
-    """PATH, or PATH.old when a crash came between the two renames of a save; None if neither is complete."""
-    return checkpoint.latest(path)
-
-
-def training_state(step, steps_per_epoch, config, counters, before, generator, world):
-    """What a checkpoint holds besides the weights and the optimizer: the place in Algorithm 1, the
-    fault counters, the warm start's evaluation and every process's sampling RNG."""
-    generators = [generator.get_state().cpu()]
-    if dist.is_initialized():
-        generators = [None] * world
-        dist.all_gather_object(generators, generator.get_state().cpu())
-    return {"step": step, "epoch": step // steps_per_epoch, "config": config, "counters": counters,
-            "before": before, "rng": {"torch": torch.get_rng_state(), "generators": generators}}
-
-
-def restore(policy, optimizer, generator, state, counters, rank, world):
-    """Continue from a checkpoint's state -> (step, counters, before)."""
-    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_optimizer_state_dict
-    set_optimizer_state_dict(policy, optimizer, optim_state_dict=state["optimizer"],
-                             options=StateDictOptions(full_state_dict=True))
-    torch.set_rng_state(state["rng"]["torch"])
-    if len(state["rng"]["generators"]) == world:   # the same sampling stream, when the layout matches
-        generator.set_state(state["rng"]["generators"][rank].to(generator.get_state().device))
-    else:
-        generator.manual_seed(seed + 1000 * rank + state["step"])
-    return state["step"], {**counters, **state["counters"]}, state["before"]
-
+# ----------------------------------------------------------------------------- records
 
 def keep_metrics_until(path, step):
     """Drop the lines of steps after the checkpoint we resume from (a crashed run's tail), and any
@@ -371,7 +325,8 @@ def main(argv):
     generator = torch.Generator(device=device).manual_seed(seed + 1000 * rank)
     step, counters, before = 0, dict.fromkeys(COUNTERS, 0), None
     if state:
-        step, counters, before = restore(policy, optimizer, generator, state, counters, rank, world)
+        step, counters, before = checkpoint.restore_training(policy, optimizer, generator, state, seed, rank, world)
+        counters = {**dict.fromkeys(COUNTERS, 0), **counters}
 
     tick = time.time()
     if before is None:
@@ -409,7 +364,7 @@ def main(argv):
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['sample_accuracy']:.2f}", ndcg=f"{row['ndcg_agreement']:.2f}")
         if bad_in_a_row >= max_bad_steps:   # after its metrics line, so the run's record is complete
-            last = latest_checkpoint(ckpt_dir)   # skipped steps change no weight: every checkpoint is good
+            last = checkpoint.latest(ckpt_dir)   # skipped steps change no weight: every checkpoint is good
             raise RuntimeError(f"{bad_in_a_row} non-finite steps in a row at step {step}; stopping. " +
                                (f"The last good checkpoint is {last} (--resume=True continues from it)" if last else
                                 f"No checkpoint was written yet; the run started from {sft_checkpoint or os.path.join(out_dir, 'sft')}"))
@@ -419,8 +374,8 @@ def main(argv):
                 tqdm.write(f"step {step}: held-out accuracy {mid['accuracy']:.3f}")
                 append_jsonl(os.path.join(out_dir, "evals.jsonl"), {"step": step, **mid})
         if step % save_every == 0 or step == total_steps or steps_this_run == stop_after_steps:
-            save_checkpoint(ckpt_dir, policy, optimizer, training_state(step, steps_per_epoch, config, counters,
-                                                                        before, generator, world), master)
+            state = {"step": step, "epoch": step // steps_per_epoch, "config": config, "counters": counters, "before": before}
+            checkpoint.save_training(ckpt_dir, policy, optimizer, generator, state, master)
         if steps_this_run == stop_after_steps and step < total_steps:
             bar.close()
             if master:
