@@ -14,13 +14,19 @@ import re
 import sys
 
 from configurator import configure
-from data import LETTERS, DatasetError, load_jsonl, write_jsonl
+from data import LETTERS, MAX_REPORTED_ERRORS, DatasetError, load_jsonl, write_jsonl
 
 # ActivityNet-QA "type" ids (github.com/MILVLG/activitynet-qa, dataset/README.md):
 # 0-2 are question types, 3-8 answer types of the "free" questions.
 ACTIVITYNET_QA_TYPES = ["motion", "spatial relation", "temporal relation", "yes/no",
                         "color", "object", "location", "number", "other"]
 BENCHMARKS = ("msvd_qa", "msrvtt_qa", "activitynet_qa", "videomme")
+# Video-MME's durations and 12 task types (lmms-eval's VIDEO_TYPE and TASK_CATEGORIES), and its fields kept
+VIDEOMME_DURATIONS = ("short", "medium", "long")
+VIDEOMME_TASK_TYPES = ("Temporal Perception", "Spatial Perception", "Attribute Perception", "Action Recognition",
+                       "Object Recognition", "OCR Problems", "Counting Problem", "Temporal Reasoning",
+                       "Spatial Reasoning", "Action Reasoning", "Object Reasoning", "Information Synopsis")
+VIDEOMME_KEPT = ("task_type", "duration", "domain", "sub_category", "video_id", "videoID")
 
 def _read_records(path):
     """A JSON list of objects, or JSONL (one object per line)."""
@@ -112,30 +118,73 @@ def convert_activitynet_qa(q_json, a_json, video_dir, video_ext=".mp4"):
     return rows
 
 
-def convert_videomme(parquet_or_json, video_dir):
-    """Video-MME rows exported as JSON or JSONL (pyarrow/pandas not needed:
-    e.g. `pandas.read_parquet(p).to_json(out, orient="records")`). Options
-    "A. text" lose their "A. " prefix; category = task_type; duration,
-    domain and sub_category are kept. Videos are video_dir/<videoID>.mp4."""
-    path = parquet_or_json
+def _videomme_records(path):
+    """The question records of a Video-MME annotation file, video-level fields merged in: the published
+    parquet (lmms-eval's source; needs pyarrow), its export to JSON / JSONL (one row per question), or
+    the original release JSON (a list of videos, each with a "questions" list)."""
     if os.fspath(path).endswith(".parquet"):
-        raise DatasetError(f"{path}: export the parquet file to JSON first, e.g. "
-                           "pandas.read_parquet(path).to_json('videomme.json', orient='records')")
-    rows = []
-    for i, rec in enumerate(_read_records(path)):
+        try:
+            import pyarrow.parquet
+        except ImportError:
+            raise DatasetError(f"{path}: reading parquet needs pyarrow: pip install pyarrow (or give the JSON "
+                               "release, or the parquet exported to JSON)") from None
+        return pyarrow.parquet.read_table(path).to_pylist()
+    records = []
+    for video in _read_records(path):
+        questions = video.get("questions")
+        if questions is None:
+            records.append(video)
+        elif isinstance(questions, list) and all(isinstance(q, dict) for q in questions):
+            records += [{**{k: v for k, v in video.items() if k != "questions"}, **q} for q in questions]
+        else:
+            raise DatasetError(f"{path}: video {video.get('video_id')!r}: 'questions' must be a list of objects")
+    return records
+
+
+def convert_videomme(path, video_dir):
+    """Video-MME annotations (see _videomme_records) -> rows. Options "A. text" lose their "A. " prefix;
+    category = task_type; task_type, duration, domain, sub_category, video_id and videoID are kept.
+    A video is video_dir/<videoID or video_id> with .mp4, .MP4 or .mkv, as lmms-eval looks for it.
+    Every entry is checked first (fields, an empty options list or option, a duplicate question_id, an
+    unknown duration or task type); errors are raised together, naming each entry, and nothing is
+    returned. A video not found keeps its .mp4 path (the command line names each such file)."""
+    rows, problems, first = [], [], {}
+    for i, rec in enumerate(_videomme_records(path)):
+        qid, options, answer = rec.get("question_id"), rec.get("options"), rec.get("answer")
+        where, found = f"{path}: entry {i} (question_id={qid!r})", []
+        for key in ("question", "duration", "task_type"):
+            if not isinstance(rec.get(key), str) or not rec[key].strip():
+                found.append(f"{key!r} must be a non-empty string, got {rec.get(key)!r}")
+        if isinstance(qid, bool) or not isinstance(qid, (str, int)) or str(qid).strip() == "":
+            found.append(f"'question_id' must be a non-empty string or an integer, got {qid!r}")
+        elif str(qid) in first:
+            found.append(f"duplicate question_id (first at entry {first[str(qid)]})")
+        if not isinstance(options, list) or not options or not all(isinstance(o, str) and o.strip() for o in options):
+            found.append(f"'options' must be a non-empty list of non-empty strings, got {options!r}")
+        elif not isinstance(answer, str) or answer.strip() not in LETTERS[:len(options)]:
+            found.append(f"answer {answer!r} is not a letter A-{LETTERS[len(options) - 1]}")
+        if rec.get("duration") not in (None, *VIDEOMME_DURATIONS) and not found:
+            found.append(f"unknown duration {rec['duration']!r} (expected one of {VIDEOMME_DURATIONS})")
+        if rec.get("task_type") not in (None, *VIDEOMME_TASK_TYPES) and not found:
+            found.append(f"unknown task_type {rec['task_type']!r} (expected one of the {len(VIDEOMME_TASK_TYPES)} "
+                         "Video-MME task types)")
+        name = rec.get("videoID") or rec.get("video_id")
+        if not isinstance(name, str) or not name.strip():
+            found.append("no video: 'videoID' and 'video_id' are missing or empty")
+        problems += [f"{where}: {problem}" for problem in found]
+        if found:
+            continue
+        first[str(qid)] = i
+        candidates = [os.path.abspath(os.path.join(video_dir, name + ext)) for ext in (".mp4", ".MP4", ".mkv")]
+        video = next((c for c in candidates if os.path.isfile(c)), candidates[0])
         # strip "A. " only where the letter matches the position: "U.S. flag" stays whole
-        options = [re.sub(rf"^\s*{LETTERS[k]}[.)]\s*", "", str(o))
-                   for k, o in enumerate(_field(rec, "options", path, i, (list,)))]
-        answer = _field(rec, "answer", path, i).strip()
-        if len(answer) != 1 or answer not in LETTERS[:len(options)]:
-            raise DatasetError(f"{path}: entry {i} (question_id={rec.get('question_id')!r}): "
-                               f"answer {answer!r} is not a letter A-{LETTERS[len(options) - 1]}")
-        rows.append({"id": str(_field(rec, "question_id", path, i, (str, int))),
-                     "video": _video_path(video_dir, _field(rec, "videoID", path, i), ".mp4"),
-                     "question": _field(rec, "question", path, i), "options": options,
-                     "answer": answer, "category": _field(rec, "task_type", path, i),
-                     "duration": _field(rec, "duration", path, i),
-                     **{k: rec[k] for k in ("domain", "sub_category") if k in rec}})
+        rows.append({"id": str(qid), "video": video, "question": rec["question"], "answer": answer.strip(),
+                     "options": [re.sub(rf"^\s*{LETTERS[k]}[.)]\s*", "", o) for k, o in enumerate(options)],
+                     "category": rec["task_type"], **{k: rec[k] for k in VIDEOMME_KEPT if k in rec}})
+    if problems:
+        shown = problems[:MAX_REPORTED_ERRORS] + ([f"... and {len(problems) - MAX_REPORTED_ERRORS} more"]
+                                                  if len(problems) > MAX_REPORTED_ERRORS else [])
+        raise DatasetError("\n".join(shown), problems)
     return rows
 
 
@@ -152,7 +201,7 @@ def main(argv):
     configure(argv, globals())
     files = [f for f in annotations.split(",") if f]
     if benchmark not in BENCHMARKS or not files or not video_dir or not out:
-        raise SystemExit(f"usage: python data.py --benchmark={'|'.join(BENCHMARKS)} --annotations=FILE "
+        raise SystemExit(f"usage: python benchmarks.py --benchmark={'|'.join(BENCHMARKS)} --annotations=FILE "
                          "--video_dir=DIR --out=FILE.jsonl")
     if len(files) != (2 if benchmark == "activitynet_qa" else 1):
         raise SystemExit(f"--benchmark={benchmark}: expected {2 if benchmark == 'activitynet_qa' else 1} "
@@ -166,8 +215,11 @@ def main(argv):
         rows = (convert_msvd_qa if benchmark == "msvd_qa" else convert_msrvtt_qa)(files[0], video_dir, ext)
     write_jsonl(out, rows)
     load_jsonl(out)  # the converted file must pass the same checks as any other
-    missing = sum(not os.path.isfile(r["video"]) for r in rows)
-    print(f"wrote {len(rows)} samples to {out}" + (f"; {missing} of their videos are not in {video_dir}" if missing else ""))
+    missing = sorted({r["video"] for r in rows if not os.path.isfile(r["video"])})
+    print(f"wrote {len(rows)} samples to {out}")
+    if missing:
+        print(f"{len(missing)} video file(s) not found (their questions are skipped, and counted, at evaluation):")
+        print("\n".join(f"  {path}" for path in missing))
 
 
 if __name__ == "__main__":

@@ -26,7 +26,11 @@ import av
 MAX_REPORTED_ERRORS = 10  # load_jsonl lists this many problems, then "... and N more"
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 IMAGE = "<image>"            # in a prompt: where the video's visual tokens go (LLaVA's placeholder)
-TEMPLATES = ("plain", "v1")
+TEMPLATES, MC_FORMATS = ("plain", "v1"), ("oneline", "videomme")
+# lmms-eval 0.7.3's default videomme task (videomme_doc_to_text with the default post_prompt), word for word
+VIDEOMME_PREAMBLE = ("Select the best answer to the following multiple-choice question based on the video and the "
+                     "subtitles. Respond with only the letter (A, B, C, or D) of the correct option.")
+VIDEOMME_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 V1_SYSTEM = ("A chat between a curious user and an artificial intelligence assistant. "
              "The assistant gives helpful, detailed, and polite answers to the user's questions.")
 
@@ -117,15 +121,21 @@ def load_video(path, num_frames, backend="auto"):
 # -----------------------------------------------------------------------------
 # the JSONL dataset format
 
-def build_prompt(question, options=None, template="plain"):
+def build_prompt(question, options=None, template="plain", mc_format="oneline"):
     """The prompt of a sample, for training, rollouts and evaluation alike; IMAGE marks where the visual
     tokens go. "plain" (the tiny default): visual tokens, then "USER: q ASSISTANT:". "v1": VLM-RLAIF's
     conversation template (vicuna v1): system line, " USER: ", the visual tokens, a newline, the
-    question, " ASSISTANT:" (the tokenizer adds BOS, as LLaVA's tokenizer_image_token keeps it)."""
-    if template not in TEMPLATES:
-        raise ValueError(f"template must be one of {TEMPLATES}, got {template!r}")
+    question, " ASSISTANT:" (the tokenizer adds BOS, as LLaVA's tokenizer_image_token keeps it).
+    Multiple choice: mc_format "oneline" appends "Options: (A) .. Answer with the option's letter.";
+    "videomme" is lmms-eval 0.7.3's default Video-MME question (preamble, "A. ..." lines, instruction)."""
+    if template not in TEMPLATES or mc_format not in MC_FORMATS:
+        raise ValueError(f"template must be one of {TEMPLATES} and mc_format one of {MC_FORMATS}, "
+                         f"got {template!r}, {mc_format!r}")
     text = question.strip()
-    if options:
+    if options and mc_format == "videomme":
+        text = "\n".join([VIDEOMME_PREAMBLE, question] + [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)]
+                         + ["", VIDEOMME_INSTRUCTION])
+    elif options:
         text += " Options: " + " ".join(f"({LETTERS[i]}) {option}" for i, option in enumerate(options))
         text += " Answer with the option's letter."
     if template == "v1":

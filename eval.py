@@ -1,30 +1,28 @@
 """
 Evaluation of a policy checkpoint: the paper's two protocols (Sec. 5) plus exact match.
 
-    open   open-ended QA (MSVD-QA, MSRVTT-QA, ActivityNet-QA; paper Table 1). Answers are sampled at
-           temperature 0.2; a judge LLM sees (question, correct answer, predicted answer) and returns
-           {"pred": "yes"/"no", "score": 0-5}. Accuracy = yes / (yes + no), score = mean. Unlike the
-           original Video-ChatGPT scripts, a score of 4.8 stays 4.8 (no int()), and a reply that stays
-           malformed after the retries is counted and reported as invalid, never dropped silently.
-    mc     multiple choice (Video-MME; paper Table 2). Greedy, a few new tokens; the option letter is
-           read after stripping lead-ins ("The best answer is"); a reply of more than 10 words with no
-           letter counts as unanswered (wrong, and counted). Accuracy overall, per category (the 12
-           task types) and per duration (short / medium / long).
+    open   open-ended QA (MSVD-QA, MSRVTT-QA, ActivityNet-QA; Table 1), judged as Video-ChatGPT does:
+           answers sampled at temperature 0.2, its judge messages word for word (judge.py), "yes" in
+           the verdict is yes, else "no" in it is no; accuracy = yes / (yes + no), score = the mean.
+           Video-ChatGPT's script retries a malformed reply forever and leaves a verdict that is neither
+           yes nor no out of the accuracy silently; here a reply still malformed after the retries is
+           counted invalid, neither verdicts are counted (unclear), and 4.8 stays 4.8 (no int()).
+    mc     multiple choice (Video-MME; Table 2), scored as lmms-eval 0.7.3: on Video-MME rows its default
+           prompt, greedy, 16 new tokens; accuracy = correct / all questions (no letter: wrong, counted
+           as unanswered); by task type (category), duration, domain, sub-category. The letter is read
+           by answers.extract_choice; --extract=lmms reads it exactly as lmms-eval does.
     exact  normalised exact match against the reference (the synthetic task), per category.
 
     python eval.py --checkpoint=out/sft --data=data/synth/eval.jsonl            # exact (no options)
-    python eval.py --checkpoint=out/rl --data=data/synth/eval_mc.jsonl          # mc (options present)
-    python eval.py --checkpoint=out/rl --data=msvd.jsonl --task=open --judge_model=NAME \\
-        --judge_base_url=http://localhost:8000/v1
+    python eval.py --checkpoint=DIR --data=videomme.jsonl --extract=lmms        # mc, leaderboard reading
+    python eval.py --checkpoint=DIR --data=msvd.jsonl --task=open --judge_model=NAME --judge_base_url=URL
     python eval.py --compare=sft/eval/videomme_mc_results.json,rl/eval/videomme_mc_results.json  # B - A
 
-Every sample's prediction goes to a JSONL file as soon as its batch is done, so an interrupted run
-continues with --resume (the final metrics cover every line of the file). A video that cannot be
-read is skipped with a warning and counted as skipped_videos, outside the accuracy.
-
-Under torch.distributed (torchrun, or called from train.py) each rank evaluates a strided shard and
-every rank makes the same number of encode_video / generate calls (an FSDP-sharded model needs all
-ranks in every forward); rank 0 alone writes files, and all ranks return the same results.
+Each prediction goes to a JSONL file as soon as its batch is done: an interrupted run continues with
+--resume. A video that cannot be read is skipped with a warning, counted as skipped_videos, outside
+the accuracy (lmms-eval stops instead). Under torch.distributed each rank evaluates a strided shard
+with the same number of encode_video / generate calls (an FSDP-sharded model needs all ranks in every
+forward); rank 0 alone writes files, and all ranks return the same results.
 """
 import functools
 import json
@@ -37,25 +35,21 @@ import torch
 import torch.distributed as dist
 from tqdm import tqdm
 
-from answers import extract_choice, is_unanswered, normalize_answer
+from answers import EXTRACTORS, extract_choice, normalize_answer
 from configurator import all_finished, configure, rank_and_world, setup_distributed
-from data import load_jsonl, read_videos, write_jsonl
-from judge import JUDGE_BACKOFF, JUDGE_BASE_URL, JUDGE_MAX_RETRIES, Judge, JudgeError
+from data import MC_FORMATS, load_jsonl, read_videos, write_jsonl
+from judge import JUDGE_BACKOFF, JUDGE_BASE_URL, JUDGE_MAX_RETRIES, JUDGE_PROMPTS, Judge, JudgeError
 from model import VideoLM
 from oracle import OracleError, reference_letter, run_many
+from tables import DURATIONS, VIDEOMME_CATEGORIES, comparison_names, format_comparison, print_results, table_order
 
 log = logging.getLogger("eval")
 
 TASKS = ("exact", "open", "mc")
-DEFAULT_MAX_NEW_TOKENS = {"exact": 8, "mc": 5, "open": 64}
+DEFAULT_MAX_NEW_TOKENS = {"exact": 8, "mc": 5, "mc_videomme": 16, "open": 64}   # lmms-eval: 16 on Video-MME
 DEFAULT_TEMPERATURE = {"exact": 0.0, "mc": 0.0, "open": 0.2}   # 0 = greedy (the anchors' protocols)
 JUDGE_WORKERS = 8              # concurrent judge requests per batch (they are independent)
-# Table order of the paper's Video-MME categories and durations; other names follow, sorted.
-VIDEOMME_CATEGORIES = [
-    "Temporal Perception", "Spatial Perception", "Attribute Perception", "Action Recognition",
-    "Object Recognition", "OCR Problems", "Counting Problem", "Temporal Reasoning",
-    "Spatial Reasoning", "Action Reasoning", "Object Reasoning", "Information Synopsis"]
-DURATIONS = ["short", "medium", "long"]
+BREAKDOWNS = (("category", VIDEOMME_CATEGORIES), ("duration", DURATIONS), ("domain", []), ("sub_category", []))
 
 # -----------------------------------------------------------------------------
 # scoring one prediction
@@ -63,11 +57,11 @@ DURATIONS = ["short", "medium", "long"]
 def base_record(sample, task):
     """The fields every predictions line shares; category / duration only when the sample has them."""
     record = {"id": sample["id"], "task": task}
-    record.update({k: sample[k] for k in ("category", "duration") if k in sample})
+    record.update({k: sample[k] for k, _ in BREAKDOWNS if k in sample})
     return record
 
 
-def score_records(samples, predictions, errors, task, judge=None):
+def score_records(samples, predictions, errors, task, judge=None, extract="project", judge_prompt="videochatgpt"):
     """Score one batch. samples: list[dict]; predictions: list[dict | None], one per sample
     ({"prediction": str, "truncated": bool}, None for a video that failed); errors: {id: reason} of
     those videos -> list of predictions-file records, in sample order.
@@ -84,12 +78,11 @@ def score_records(samples, predictions, errors, task, judge=None):
         if task == "exact":
             record["correct"] = normalize_answer(pred["prediction"]) == normalize_answer(sample["answer"])
         elif task == "mc":
-            letter = extract_choice(pred["prediction"], sample["options"])
-            record.update(choice=letter, correct=letter == reference_letter(sample),
-                          unanswered=letter is None and is_unanswered(pred["prediction"]))
+            letter = extract_choice(pred["prediction"], sample["options"], extract)
+            record.update(choice=letter, correct=letter == reference_letter(sample), unanswered=letter is None)
     to_judge = [r for r in records if not r.get("skipped")] if task == "open" else []
     if to_judge:
-        jobs = [functools.partial(judge.judge_answer, r["question"], r["answer"], r["prediction"])
+        jobs = [functools.partial(judge.judge_answer, r["question"], r["answer"], r["prediction"], judge_prompt)
                 for r in to_judge]
         for record, verdict in zip(to_judge, run_many(jobs, JUDGE_WORKERS, errors=(JudgeError, OracleError))):
             if isinstance(verdict, (JudgeError, OracleError)):
@@ -106,29 +99,25 @@ def score_records(samples, predictions, errors, task, judge=None):
 def group_metrics(records, task):
     """Accuracy of a list of (non-skipped) records: {"accuracy", "n"} plus "score", "invalid" (open).
     n counts every evaluated sample; open accuracy and score are over the valid verdicts only."""
-    if task == "open":
+    if task == "open":   # accuracy over the yes and no verdicts; the score over every valid verdict
         judged = [r for r in records if not r["invalid"]]
-        yes = sum(r["verdict"] == "yes" for r in judged)
-        return {"accuracy": yes / len(judged) if judged else 0.0, "n": len(records),
+        yes, no = (sum(r["verdict"] == v for r in judged) for v in ("yes", "no"))
+        return {"accuracy": yes / (yes + no) if yes + no else 0.0, "n": len(records),
                 "score": sum(r["score"] for r in judged) / len(judged) if judged else 0.0,
-                "invalid": len(records) - len(judged)}
+                "invalid": len(records) - len(judged), "unclear": len(judged) - yes - no}
     correct = sum(r["correct"] for r in records)
     return {"accuracy": correct / len(records) if records else 0.0, "n": len(records)}
-
-
-def table_order(names, known):
-    """Names in the paper's table order (those in `known`) first, then the others sorted."""
-    return sorted(names, key=lambda name: (known.index(name) if name in known else len(known), name))
 
 
 def summarize(records, task):
     """Predictions-file records (one per sample) -> the results dict evaluate() returns."""
     evaluated = [r for r in records if not r.get("skipped")]
     results = {"task": task, **group_metrics(evaluated, task)}
-    for key, known in (("category", VIDEOMME_CATEGORIES), ("duration", DURATIONS)):
+    for key, known in BREAKDOWNS:
         names = table_order({r[key] for r in evaluated if key in r}, known)
-        results[f"by_{key}"] = {name: group_metrics([r for r in evaluated if r.get(key) == name], task)
-                                for name in names}
+        if names or key in ("category", "duration"):
+            results[f"by_{key}"] = {name: group_metrics([r for r in evaluated if r.get(key) == name], task)
+                                    for name in names}
     results["skipped_videos"] = len(records) - len(evaluated)
     if task == "mc":
         results["unanswered"] = sum(r["unanswered"] for r in evaluated)
@@ -138,7 +127,7 @@ def summarize(records, task):
 # -----------------------------------------------------------------------------
 # generation
 
-def generate_batch(policy, samples, max_new_tokens, temperature, generator, always=False):
+def generate_batch(policy, samples, max_new_tokens, temperature, generator, always=False, mc_format="oneline"):
     """One encode_video + one generate for a batch. samples: list[dict] ->
     (list of {"prediction", "truncated"} | None per sample (None: the video failed to load), errors:
     {id: reason}). always=True (distributed) runs the forward passes even when no video loaded, on a
@@ -154,7 +143,7 @@ def generate_batch(policy, samples, max_new_tokens, temperature, generator, alwa
     if frames is None:
         frames = torch.zeros(1, policy.config.num_frames, 32, 32, 3, dtype=torch.uint8)
     features = policy.encode_video(frames)
-    prompt_ids, prompt_mask = policy.encode_prompts(prompts)
+    prompt_ids, prompt_mask = policy.encode_prompts(prompts, mc_format)
     ids, mask, truncated = policy.generate(features, prompt_ids, prompt_mask, group_size=1,
                                            max_new_tokens=max_new_tokens, temperature=temperature,
                                            greedy=temperature == 0, generator=generator, all_finished=all_finished)
@@ -201,29 +190,36 @@ def is_complete(record):
 # the library entry point (train.py, sft.py)
 
 def evaluate(policy, samples, task="exact", batch_size=32, max_new_tokens=None, temperature=None,
-             judge=None, predictions_path=None, resume=False, seed=0, progress=True):
+             judge=None, predictions_path=None, resume=False, seed=0, progress=True, mc_prompt="auto",
+             extract="project", judge_prompt="videochatgpt"):
     """Evaluate a policy on dataset rows; returns the results dict (the same on every rank).
 
     policy: VideoLM (or anything with config.num_frames, device, encode_video, encode_prompts,
     generate, decode, eval/train); samples: list of dataset rows (data.load_jsonl); task: "exact",
     "open" (needs judge: anything with judge_answer(question, reference, prediction), e.g. a
     JudgeOracle) or "mc" (rows with options, answer a letter). max_new_tokens / temperature: None =
-    DEFAULT_MAX_NEW_TOKENS / DEFAULT_TEMPERATURE of the task (temperature 0 = greedy).
-    predictions_path: JSONL, one record per sample, appended and flushed after each batch;
+    DEFAULT_MAX_NEW_TOKENS / DEFAULT_TEMPERATURE of the task (temperature 0 = greedy). mc_prompt:
+    data.MC_FORMATS, or "auto": "videomme" on Video-MME rows (they have a "domain"), else "oneline";
+    extract: answers.EXTRACTORS; judge_prompt: judge.JUDGE_PROMPTS. predictions_path: JSONL, one record per sample, appended and flushed after each batch;
     resume=True keeps the complete records already there and evaluates the rest.
 
     Returns {"task", "n" (evaluated samples), "accuracy" (in [0, 1]), "by_category": {name:
     {"accuracy", "n", ...}}, "by_duration": {...} (empty without durations), "skipped_videos",
-    "max_new_tokens", "temperature"}, plus "score" and "invalid" (open) or "unanswered" (mc)."""
-    if task not in TASKS:
-        raise ValueError(f"task must be one of {TASKS}, got {task!r}")
+    "max_new_tokens", "temperature"}, plus "score", "invalid", "unclear" (open) or "unanswered" (mc)."""
+    for name, value, choices in (("task", task, TASKS), ("mc_prompt", mc_prompt, ("auto",) + MC_FORMATS),
+                                 ("extract", extract, EXTRACTORS), ("judge_prompt", judge_prompt, JUDGE_PROMPTS)):
+        if value not in choices:
+            raise ValueError(f"{name} must be one of {choices}, got {value!r}")
     if task == "open" and judge is None:
         raise ValueError("task='open' needs a judge (e.g. oracle.JudgeOracle)")
     if task == "mc" and not all(s.get("options") for s in samples):
         raise ValueError("task='mc' needs every sample to have options")
     if len({s["id"] for s in samples}) != len(samples):
         raise ValueError("sample ids must be unique (predictions are matched by id)")
-    max_new_tokens = DEFAULT_MAX_NEW_TOKENS[task] if max_new_tokens is None else max_new_tokens
+    if mc_prompt == "auto":
+        mc_prompt = "videomme" if task == "mc" and any("domain" in s for s in samples) else "oneline"
+    default_tokens = DEFAULT_MAX_NEW_TOKENS["mc_videomme" if mc_prompt == "videomme" else task]
+    max_new_tokens = default_tokens if max_new_tokens is None else max_new_tokens
     temperature = DEFAULT_TEMPERATURE[task] if temperature is None else temperature
     rank, world = rank_and_world()
 
@@ -261,8 +257,8 @@ def evaluate(policy, samples, task="exact", batch_size=32, max_new_tokens=None, 
                 # a rank short of batches runs a blank one: the same calls on every rank, no records
                 batch = batches[step] if step < len(batches) else []
                 preds, errors = generate_batch(policy, batch, max_new_tokens, temperature, generator,
-                                               always=world > 1)
-                records = score_records(batch, preds, errors, task, judge)
+                                               always=world > 1, mc_format=mc_prompt)
+                records = score_records(batch, preds, errors, task, judge, extract, judge_prompt)
                 if world > 1:
                     parts = [None] * world
                     dist.all_gather_object(parts, records)
@@ -281,82 +277,9 @@ def evaluate(policy, samples, task="exact", batch_size=32, max_new_tokens=None, 
     if extra and rank == 0:
         log.warning("%s: %d record(s) for ids not in the data are ignored", predictions_path, extra)
     results = summarize([merged[s["id"]] for s in samples if s["id"] in merged], task)
-    results.update(max_new_tokens=max_new_tokens, temperature=temperature)
+    results.update(max_new_tokens=max_new_tokens, temperature=temperature, mc_prompt=mc_prompt, extract=extract,
+                   judge_prompt=judge_prompt)
     return results
-
-
-# -----------------------------------------------------------------------------
-# tables (paper Tables 1 and 2)
-
-def table_rows(results):
-    """[(label, metrics)]: categories, then durations, then the overall row."""
-    rows = list(results.get("by_category", {}).items()) + list(results.get("by_duration", {}).items())
-    return rows + [("Overall", results)]
-
-
-def format_table(header, rows):
-    """header: list[str], rows: list[list[str]] -> str; first column left-aligned, others right."""
-    widths = [max(len(str(row[i])) for row in [header] + rows) for i in range(len(header))]
-    lines = []
-    for row in [header] + rows:
-        cells = [str(c).ljust(w) if i == 0 else str(c).rjust(w) for i, (c, w) in enumerate(zip(row, widths))]
-        lines.append("  ".join(cells).rstrip())
-    return "\n".join(lines)
-
-
-def print_results(results, title=""):
-    """Print one results dict as a small table: rows = categories (+ durations) + overall."""
-    is_open = results["task"] == "open"
-    header = ["category", "n", "accuracy"] + (["score"] if is_open else [])
-    rows = [[label, m["n"], f"{100 * m['accuracy']:.1f}%"] + ([f"{m['score']:.2f}"] if is_open else [])
-            for label, m in table_rows(results)]
-    notes = [f"skipped videos: {results['skipped_videos']}"]
-    if is_open:
-        notes.append(f"invalid judge verdicts: {results['invalid']}")
-    if results["task"] == "mc":
-        notes.append(f"unanswered: {results['unanswered']}")
-    print((f"{title}\n" if title else "") + format_table(header, rows) + "\n" + "   ".join(notes))
-
-
-def format_comparison(a, b, names=("A", "B")):
-    """Two results dicts of one task side by side, shaped like the paper's Table 2 (mc, exact:
-    accuracy, delta in points) or one dataset of Table 1 (open: accuracy and score). delta = B - A,
-    the change from A to B: format_comparison(before, after), or (VLM-RLAIF, Oracle-RLAIF) for the
-    paper's sign. Rows: categories, durations, overall; a row missing on one side shows "-"."""
-    if a["task"] != b["task"]:
-        raise ValueError(f"cannot compare a {a['task']!r} result with a {b['task']!r} result")
-    metrics = [("accuracy", 100.0, "{:.1f}%", "{:+.1f}")]    # (key, scale, format, delta format)
-    if a["task"] == "open":
-        metrics.append(("score", 1.0, "{:.2f}", "{:+.2f}"))
-    rows_a, rows_b = dict(table_rows(a)), dict(table_rows(b))
-    labels = []
-    for key, known in (("by_category", VIDEOMME_CATEGORIES), ("by_duration", DURATIONS)):
-        labels += table_order(set(a.get(key, {})) | set(b.get(key, {})), known)
-    labels.append("Overall")
-
-    suffix = [""] if len(metrics) == 1 else [" acc", " score"]
-    header = (["category"] + [f"{names[0]}{s}" for s in suffix] + [f"{names[1]}{s}" for s in suffix]
-              + [f"delta{s}" for s in suffix])
-    rows = []
-    for label in labels:
-        ma, mb = rows_a.get(label), rows_b.get(label)
-        cells_a = [fmt.format(scale * ma[key]) if ma else "-" for key, scale, fmt, _ in metrics]
-        cells_b = [fmt.format(scale * mb[key]) if mb else "-" for key, scale, fmt, _ in metrics]
-        deltas = [dfmt.format(scale * (mb[key] - ma[key])) if ma and mb else "-"
-                  for key, scale, _, dfmt in metrics]
-        rows.append([label] + cells_a + cells_b + deltas)
-    notes = [f"delta = {names[1]} - {names[0]}" + (" (accuracy in points)" if len(metrics) == 1 else
-                                                   " (accuracy in points, score in score units)")]
-    for key in ("n", "skipped_videos", "unanswered", "invalid"):
-        if key in a or key in b:
-            notes.append(f"{key}: {names[0]} {a.get(key, '-')}, {names[1]} {b.get(key, '-')}")
-    return format_table(header, rows) + "\n" + "\n".join(notes)
-
-
-def comparison_names(a, b):
-    """Column names for --compare: the checkpoints' folder names when they differ, else A and B."""
-    names = [os.path.basename(os.path.normpath(r.get("checkpoint", ""))) for r in (a, b)]
-    return tuple(names) if all(names) and names[0] != names[1] else ("A", "B")
 
 
 # -----------------------------------------------------------------------------
@@ -364,8 +287,7 @@ def comparison_names(a, b):
 
 def default_predictions_path(checkpoint, data_path, task):
     """<checkpoint>/eval/<data file stem>_<task>_predictions.jsonl"""
-    stem = os.path.splitext(os.path.basename(data_path))[0]
-    return os.path.join(checkpoint, "eval", f"{stem}_{task}_predictions.jsonl")
+    return os.path.join(checkpoint, "eval", f"{os.path.splitext(os.path.basename(data_path))[0]}_{task}_predictions.jsonl")
 
 
 def default_results_path(predictions_path):
@@ -387,6 +309,10 @@ predictions = ""             # default: <checkpoint>/eval/<data>_<task>_predicti
 out = ""                     # results JSON; default: beside the predictions
 resume = False               # keep the predictions already in the file
 dtype = ""                   # override the checkpoint's dtype (e.g. bfloat16)
+mc_prompt = "auto"           # auto | videomme (lmms-eval's default videomme prompt) | oneline (this project's)
+extract = "project"          # project | lmms: read the letter exactly as lmms-eval 0.7.3 does (leaderboard numbers)
+judge_prompt = "videochatgpt"   # videochatgpt: its ActivityNet-QA judge messages, word for word | project
+judge_temperature = 0.0      # Video-ChatGPT sent none, so its API's default (1.0) applied
 device = ""                  # default: cuda when there is one (under torchrun: this process's GPU), else cpu
 judge_base_url = JUDGE_BASE_URL
 judge_model = ""
@@ -400,6 +326,10 @@ quiet = False                # no progress bar
 def main(argv):
     configure(argv, globals())
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
+    for name, value, choices in (("mc_prompt", mc_prompt, ("auto",) + MC_FORMATS), ("extract", extract, EXTRACTORS),
+                                 ("judge_prompt", judge_prompt, JUDGE_PROMPTS)):
+        if value not in choices:
+            raise SystemExit(f"--{name} must be one of {choices}, got {value!r}")
     if compare:
         paths = compare.split(",")
         if len(paths) != 2:
@@ -421,7 +351,7 @@ def main(argv):
         if not judge_model:
             raise SystemExit("--task=open needs a judge: --judge_model (and --judge_base_url, --judge_api_key_env)")
         judge = Judge(base_url=judge_base_url, model=judge_model, api_key_env=judge_api_key_env,
-                      max_retries=judge_max_retries, backoff=judge_backoff)
+                      max_retries=judge_max_retries, backoff=judge_backoff, temperature=judge_temperature)
 
     # torchrun: one model replica per GPU, each evaluating a shard
     rank, _, default_device = setup_distributed()
@@ -430,7 +360,8 @@ def main(argv):
     out_path = out or default_results_path(predictions_path)
     results = evaluate(policy, samples, task=task_, batch_size=batch_size, max_new_tokens=max_new_tokens or None,
                        temperature=temperature if temperature >= 0 else None, judge=judge,
-                       predictions_path=predictions_path, resume=resume, seed=seed, progress=not quiet)
+                       predictions_path=predictions_path, resume=resume, seed=seed, progress=not quiet,
+                       mc_prompt=mc_prompt, extract=extract, judge_prompt=judge_prompt)
     if rank == 0:
         results.update(checkpoint=checkpoint, data=data, predictions=predictions_path)
         os.makedirs(os.path.dirname(os.path.abspath(out_path)), exist_ok=True)

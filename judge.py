@@ -10,6 +10,7 @@ raise JudgeError with the reason; the API key never appears in one.
 """
 import ast
 import email.utils
+import functools
 import http.client
 import json
 import logging
@@ -38,6 +39,13 @@ EMPTY_SHOWN = "(empty answer)"   # how an empty response is shown to the judge
 ANSWER_SYSTEM = ("You are a careful, impartial judge of answers to questions about videos. "
                  "You compare a predicted answer with the correct answer and decide whether "
                  "the prediction is correct.")
+JUDGE_PROMPTS = ("videochatgpt", "project")
+# Video-ChatGPT's ActivityNet-QA judge (quantitative_evaluation/evaluate_activitynet_qa.py, annotate()),
+# word for word: the paper's Table 1 protocol. Its user message is these pieces around the raw question,
+# answer and prediction (its literal "{'pred': 'yes', 'score': 4.8}" example is kept as is).
+VCG_SYSTEM = "You are an intelligent chatbot designed for evaluating the correctness of generative outputs for question-answer pairs. Your task is to compare the predicted answer with the correct answer and determine if they match meaningfully. Here's how you can accomplish the task:------##INSTRUCTIONS: - Focus on the meaningful match between the predicted answer and the correct answer.\n- Consider synonyms or paraphrases as valid matches.\n- Evaluate the correctness of the prediction compared to the answer."
+VCG_USER = ('Please evaluate the following video-based question-answer pair:\n\nQuestion: ', '\nCorrect Answer: ', '\nPredicted Answer: ',
+            "\n\nProvide your evaluation only as a yes/no and score where the score is an integer value between 0 and 5, with 5 indicating the highest meaningful match. Please generate the response in the form of a Python dictionary string with keys 'pred' and 'score', where value of 'pred' is  a string of 'yes' or 'no' and value of 'score' is in INTEGER, not STRING.DO NOT PROVIDE ANY OTHER OUTPUT TEXT OR EXPLANATION. Only provide the Python dictionary string. For example, your response should look like this: {'pred': 'yes', 'score': 4.8}.")
 
 
 class JudgeError(Exception):
@@ -107,14 +115,19 @@ def parse_ranking(text, n):
     return ids
 
 
-def parse_verdict(text):
-    """A judge reply -> {"pred": "yes"/"no", "score": float in [0, 5]}. Raises ValueError otherwise.
-    The score is kept as given (4.8 stays 4.8: the original scripts truncated it with int())."""
+def parse_verdict(text, lenient=False):
+    """A judge reply -> {"pred": "yes" / "no" (/ "neither"), "score": float in [0, 5]}; ValueError if
+    the reply holds no such dict. The score is kept as given (4.8 stays 4.8: Video-ChatGPT truncated
+    it with int()). lenient=True reads "pred" as Video-ChatGPT's aggregation does: "yes" if the word
+    yes is in it, else "no" if no is, else "neither" (Video-ChatGPT leaves those out of the accuracy
+    silently; eval.py counts them); otherwise pred must be exactly yes or no."""
     found = find_json(text, "pred")
     if found is None:
         raise ValueError(f"no {{'pred': ..., 'score': ...}} object in reply {text[:200]!r}")
     pred = str(found["pred"]).strip().lower()
-    if pred not in ("yes", "no"):
+    if lenient:
+        pred = "yes" if "yes" in pred else "no" if "no" in pred else "neither"
+    elif pred not in ("yes", "no"):
         raise ValueError(f"pred is {found['pred']!r}, expected yes or no")
     try:
         score = float(found.get("score"))
@@ -277,16 +290,26 @@ class Judge:
         """Send messages with this judge's endpoint and retry settings (see chat())."""
         return chat(messages, parse=parse, deadline=deadline, **self.client)
 
-    def judge_answer(self, question, reference, prediction):
-        """Open-ended QA judging (Video-ChatGPT protocol): -> {"pred": "yes"/"no", "score": float 0-5}.
-        Raises JudgeError when the judge gives no valid verdict after the retries."""
-        prompt = ("Evaluate a predicted answer to a question about a video against the correct answer.\n"
-                  "Focus on meaningful agreement: synonyms and paraphrases count as correct.\n\n"
-                  f"Question: {question.strip()}\nCorrect answer: {reference.strip()}\n"
-                  f"Predicted answer: {' '.join(prediction.split()) or EMPTY_SHOWN}\n\n"
-                  'Reply with only a JSON object {"pred": "yes" or "no", "score": S}, where pred says '
-                  "whether the prediction is correct and S is an integer from 0 to 5 (5 = fully correct).")
-        messages = [{"role": "system", "content": ANSWER_SYSTEM}, {"role": "user", "content": prompt}]
+    def judge_answer(self, question, reference, prediction, prompt="videochatgpt"):
+        """Open-ended QA judging -> {"pred": "yes" / "no" / "neither", "score": float 0-5}.
+        prompt="videochatgpt" (the default, the paper's Table 1): Video-ChatGPT's system and user messages
+        word for word, with the raw question, answer and prediction, and its reading of "pred"
+        (parse_verdict(lenient=True)); "project": this project's own messages (JSON asked for, an empty
+        prediction shown as such), pred exactly yes or no. Unlike Video-ChatGPT, which retries a malformed
+        reply forever, a reply that stays malformed after this judge's retries raises JudgeError."""
+        if prompt == "videochatgpt":
+            user = "".join(part for pair in zip(VCG_USER, (question, reference, prediction, "")) for part in pair)
+            messages = [{"role": "system", "content": VCG_SYSTEM}, {"role": "user", "content": user}]
+            return self.chat(messages, parse=functools.partial(parse_verdict, lenient=True))
+        if prompt != "project":
+            raise ValueError(f"prompt must be one of {JUDGE_PROMPTS}, got {prompt!r}")
+        text = ("Evaluate a predicted answer to a question about a video against the correct answer.\n"
+                "Focus on meaningful agreement: synonyms and paraphrases count as correct.\n\n"
+                f"Question: {question.strip()}\nCorrect answer: {reference.strip()}\n"
+                f"Predicted answer: {' '.join(prediction.split()) or EMPTY_SHOWN}\n\n"
+                'Reply with only a JSON object {"pred": "yes" or "no", "score": S}, where pred says '
+                "whether the prediction is correct and S is an integer from 0 to 5 (5 = fully correct).")
+        messages = [{"role": "system", "content": ANSWER_SYSTEM}, {"role": "user", "content": text}]
         return self.chat(messages, parse=parse_verdict)
 
     def __repr__(self):

@@ -257,13 +257,13 @@ class VideoLM(nn.Module):
 
     # ------------------------------------------------------------------ text
 
-    def encode_prompts(self, samples):
+    def encode_prompts(self, samples, mc_format="oneline"):
         """Prompts of dataset rows -> (ids, mask), each (B, P) long, left-padded; each row holds one
         IMAGE_TOKEN where the visual tokens go. Like LLaVA's tokenizer_image_token, the text on either
         side of the placeholder is tokenized on its own and only the first piece keeps a BOS."""
         bos, encoded = self.tokenizer.bos_token_id, []
         for sample in samples:
-            text = build_prompt(sample["question"], sample.get("options"), self.config.template)
+            text = build_prompt(sample["question"], sample.get("options"), self.config.template, mc_format)
             pieces = [self.tokenizer(piece)["input_ids"] for piece in text.split(IMAGE)]
             ids = pieces[0]
             for piece in pieces[1:]:

@@ -19,7 +19,8 @@ from tqdm import tqdm
 
 from configurator import configure, cosine_lr
 from data import load_jsonl, read_videos
-from eval import evaluate, print_results
+from eval import evaluate
+from tables import print_results
 from model import ModelConfig, VideoLM
 from synth import make_synthetic_dataset
 

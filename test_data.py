@@ -277,6 +277,67 @@ def test_convert_videomme(tmp_path, lines):
         benchmarks.convert_videomme(bad, "mme")
 
 
+VIDEOMME_ROW = {"video_id": "001", "duration": "short", "domain": "Knowledge", "sub_category": "Humanity & History",
+                "url": "https://www.youtube.com/watch?v=fFjv93ACGo8", "videoID": "fFjv93ACGo8", "question_id": "001-1",
+                "task_type": "Counting Problem", "question": "How many people are shown?",
+                "options": ["A. One.", "B. Two.", "C. Three.", "D. U.S."], "answer": "C"}
+
+
+def test_convert_videomme_reads_the_published_parquet(tmp_path):
+    pyarrow = pytest.importorskip("pyarrow")            # optional: `pip install pyarrow`
+    import pyarrow.parquet
+    table = [VIDEOMME_ROW, dict(VIDEOMME_ROW, question_id="001-2", answer="A", task_type="OCR Problems")]
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist(table), str(tmp_path / "test-00000-of-00001.parquet"))
+    rows = benchmarks.convert_videomme(str(tmp_path / "test-00000-of-00001.parquet"), "mme")
+    assert [r["id"] for r in rows] == ["001-1", "001-2"] and rows[1]["category"] == "OCR Problems"
+    assert {k: rows[0][k] for k in ("domain", "sub_category", "video_id", "videoID", "task_type")} == {
+        "domain": "Knowledge", "sub_category": "Humanity & History", "video_id": "001", "videoID": "fFjv93ACGo8",
+        "task_type": "Counting Problem"}
+
+
+def test_convert_videomme_says_how_to_read_parquet_without_pyarrow(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "pyarrow", None)
+    monkeypatch.setitem(sys.modules, "pyarrow.parquet", None)
+    with pytest.raises(DatasetError, match=r"videomme.parquet: reading parquet needs pyarrow: pip install pyarrow"):
+        benchmarks.convert_videomme(str(tmp_path / "videomme.parquet"), "mme")
+
+
+def test_convert_videomme_release_layout_and_video_extensions(tmp_path):
+    video = {k: VIDEOMME_ROW[k] for k in ("video_id", "duration", "domain", "sub_category")}
+    questions = [{k: VIDEOMME_ROW[k] for k in ("question_id", "task_type", "question", "options", "answer")},
+                 dict(question_id="001-2", task_type="OCR Problems", question="What is written?",
+                      options=["A. x", "B. y", "C. z", "D. w"], answer="B")]
+    second = dict(video, video_id="002", duration="long", questions=[dict(questions[0], question_id="002-1")])
+    ann = dump(tmp_path / "videomme.json", [dict(video, questions=questions), second])
+    (tmp_path / "v").mkdir()
+    (tmp_path / "v" / "001.MP4").write_bytes(b"x")               # found as lmms-eval finds it: .mp4, .MP4, .mkv
+    (tmp_path / "v" / "002.mkv").write_bytes(b"x")
+    rows = benchmarks.convert_videomme(ann, str(tmp_path / "v"))
+    assert [r["id"] for r in rows] == ["001-1", "001-2", "002-1"]
+    assert [os.path.basename(r["video"]) for r in rows] == ["001.MP4", "001.MP4", "002.mkv"]
+    assert (rows[1]["duration"], rows[1]["domain"], rows[2]["duration"]) == ("short", "Knowledge", "long")
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"options": []}, "'options' must be a non-empty list"), ({"options": ["A. x", "", "C. z", "D. w"]}, "'options'"),
+    ({"question": "  "}, "'question' must be a non-empty string"), ({"duration": "extra-long"}, "unknown duration"),
+    ({"task_type": "Colour Problem"}, "unknown task_type 'Colour Problem'"), ({"answer": "E"}, "answer 'E'")])
+def test_convert_videomme_validates_every_entry_and_writes_nothing_on_error(tmp_path, change, message):
+    ann = dump(tmp_path / "bad.json", [VIDEOMME_ROW, dict(VIDEOMME_ROW, question_id="001-2", **change)])
+    with pytest.raises(DatasetError, match=rf"bad.json: entry 1 \(question_id='001-2'\): {message}"):
+        benchmarks.convert_videomme(ann, "mme")
+    out = tmp_path / "out.jsonl"
+    with pytest.raises(DatasetError):
+        benchmarks.main(["--benchmark=videomme", f"--annotations={ann}", "--video_dir=mme", f"--out={out}"])
+    assert not out.exists()
+
+
+def test_convert_videomme_reports_duplicate_question_ids(tmp_path):
+    ann = dump(tmp_path / "dup.json", [VIDEOMME_ROW, dict(VIDEOMME_ROW), dict(VIDEOMME_ROW, question_id="001-3")])
+    with pytest.raises(DatasetError, match=r"entry 1 \(question_id='001-1'\): duplicate question_id \(first at entry 0\)"):
+        benchmarks.convert_videomme(ann, "mme")
+
+
 def test_convert_cli(tmp_path):
     ann = dump(tmp_path / "qa.json", [{"video_name": "vid1", "question": "q?", "answer": "a", "question_id": 1}])
     out = tmp_path / "out.jsonl"
@@ -284,7 +345,8 @@ def test_convert_cli(tmp_path):
                              f"--video_dir={tmp_path}", f"--out={out}"],
                             cwd=os.path.dirname(os.path.abspath(data.__file__)), capture_output=True, text=True)
     assert result.returncode == 0, result.stderr
-    assert "wrote 1 samples" in result.stdout and "1 of their videos are not in" in result.stdout
+    assert "wrote 1 samples" in result.stdout and "1 video file(s) not found" in result.stdout
+    assert str(tmp_path / "vid1.avi") in result.stdout                                  # named, not counted
     assert data.load_jsonl(out)[0]["video"] == str(tmp_path / "vid1.avi")
 
 

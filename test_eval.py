@@ -16,7 +16,7 @@ import torch
 import torch.multiprocessing as mp
 
 import eval as ev
-from answers import extract_choice, is_unanswered
+from answers import extract_choice
 from data import fit_frames, load_jsonl, write_jsonl
 from judge import parse_verdict
 from model import ModelConfig, VideoLM
@@ -83,8 +83,8 @@ class ScriptedPolicy:
         self.frame_shapes.append(tuple(frames.shape))
         return torch.zeros(frames.shape[0], 1, 1)
 
-    def encode_prompts(self, samples):
-        self.batch = [s.get("id") for s in samples]
+    def encode_prompts(self, samples, mc_format="oneline"):
+        self.batch, self.mc_format = [s.get("id") for s in samples], mc_format
         return torch.arange(len(samples)).unsqueeze(1), torch.ones(len(samples), 1, dtype=torch.long)
 
     def generate(self, features, prompt_ids, prompt_mask, group_size=1, max_new_tokens=8,
@@ -106,31 +106,29 @@ def read_lines(path):
 # multiple choice: the letter, unanswered
 
 
-@pytest.mark.parametrize("reply, letter, unanswered", [
-    ("The best answer is B", "B", False),
-    ("Answer: (C)", "C", False),
-    ("b)", "B", False),
-    ("(D) a dog", "D", False),
-    ("I think it's A.", "A", False),
-    ("C", "C", False),
-    ("I think the answer is b", "B", False),
-    ("The best answer is: D. a fish", "D", False),
-    ("Best option: (A) a cat", "A", False),
-    ("a dog", "B", False),                                   # the text of option B
-    ("The best answer is B because the man in the video is clearly walking", "B", False),
-    ("I think it's C because the bird is flying over the water in every frame", "C", False),
-    (TWELVE_WORDS, None, True),                              # 12 words, no letter: unanswered
-    ("a man is walking along the beach slowly", None, False),   # 8 words: wrong, not unanswered
-    ("one two three four five six seven eight nine ten", None, False),   # 10 is not more than 10
-    ("It is not clear from the video which one of these is right", None, True),
-    ("a dog is running in the park near a tree", None, False),    # "a" is not option A
-    ("a dog is running in the park near a big tree", None, True),   # ... and 11 words
-    ("", None, False),
-    ("The answer is", None, False),
+@pytest.mark.parametrize("reply, letter", [
+    ("The best answer is B", "B"),
+    ("Answer: (C)", "C"),
+    ("b)", "B"),
+    ("(D) a dog", "D"),
+    ("I think it's A.", "A"),
+    ("C", "C"),
+    ("I think the answer is b", "B"),
+    ("The best answer is: D. a fish", "D"),
+    ("Best option: (A) a cat", "A"),
+    ("a dog", "B"),                                          # the text of option B
+    ("The best answer is B because the man in the video is clearly walking", "B"),
+    ("I think it's C because the bird is flying over the water in every frame", "C"),
+    (TWELVE_WORDS, None),                                    # no letter, no option named: unanswered
+    ("a man is walking along the beach slowly", None),
+    ("one two three four five six seven eight nine ten", None),
+    ("It is not clear from the video which one of these is right", None),
+    ("a dog is running in the park near a tree", "B"),       # "a" is not option A; the reply names B's dog
+    ("", None),
+    ("The answer is", None),
 ])
-def test_mc_choice(reply, letter, unanswered):
-    choice = extract_choice(reply, OPTIONS)
-    assert (choice, choice is None and is_unanswered(reply)) == (letter, unanswered)
+def test_mc_choice(reply, letter):
+    assert extract_choice(reply, OPTIONS) == letter
 
 
 def test_mc_aggregation_by_category_and_duration(synth, capsys):
@@ -198,7 +196,7 @@ class ObjectJudge:
     def __init__(self, verdicts):
         self.verdicts, self.seen = verdicts, []
 
-    def judge_answer(self, question, reference, prediction):
+    def judge_answer(self, question, reference, prediction, prompt="videochatgpt"):
         self.seen.append((question, reference, prediction))
         verdict = self.verdicts[prediction]
         if isinstance(verdict, Exception):
@@ -306,8 +304,7 @@ def test_open_end_to_end_cli_with_fake_judge(synth, checkpoint, tmp_path, capsys
     # the judge saw each sample's question, correct answer and the model's own prediction
     for i, row in enumerate(rows):
         prompt = next(p for t, p in judge.requests if t == f"q{i}")
-        assert f"Correct answer: {row['answer']}" in prompt
-        assert f"Predicted answer: {' '.join(lines[row['id']]['prediction'].split()) or '(empty answer)'}" in prompt
+        assert f"Correct Answer: {row['answer']}\nPredicted Answer: {lines[row['id']]['prediction']}\n" in prompt
     printed = capsys.readouterr().out
     assert "Overall" in printed and "invalid judge verdicts: 1" in printed
 
@@ -499,3 +496,65 @@ def test_distributed_shards_keep_ranks_in_step(synth, tmp_path):
     assert ranks[0]["results"] == single and single["skipped_videos"] == 1
     lines = read_lines(predictions)                      # written once, by rank 0
     assert sorted(line["id"] for line in lines) == sorted(r["id"] for r in rows)
+
+
+# ---------------------------------------------------------------------------------------------
+# parity with the published protocols: Video-MME as lmms-eval scores it, open QA as Video-ChatGPT judges it
+
+def test_videomme_rows_get_lmms_evals_prompt_settings_and_breakdowns(synth):
+    rows = videomme_rows(synth)
+    for i, row in enumerate(rows):
+        row.update(domain=["Knowledge", "Sports Competition"][i % 2], sub_category=["Astronomy", "Football"][i % 2])
+    replies = {row["id"]: (row["answer"] if i < 6 else "a reply naming no option") for i, row in enumerate(rows)}
+    policy = ScriptedPolicy(replies)
+    results = ev.evaluate(policy, rows, task="mc", progress=False)
+    assert policy.mc_format == "videomme" and results["mc_prompt"] == "videomme"     # Video-MME rows: auto
+    assert policy.last_call == dict(max_new_tokens=16, temperature=0.0, greedy=True)    # lmms-eval's settings
+    assert results["accuracy"] == pytest.approx(6 / 12) and results["unanswered"] == 6   # no letter: wrong
+    assert set(results["by_domain"]) == {"Knowledge", "Sports Competition"}
+    assert {k: m["n"] for k, m in results["by_sub_category"].items()} == {"Astronomy": 6, "Football": 6}
+    ev.evaluate(policy, rows, task="mc", mc_prompt="oneline", progress=False)          # the old prompt, on request
+    assert policy.mc_format == "oneline" and policy.last_call["max_new_tokens"] == 5
+    plain = load_jsonl(synth["eval_mc"])                                                 # not Video-MME: oneline
+    ev.evaluate(policy, plain, task="mc", progress=False)
+    assert policy.mc_format == "oneline"
+
+
+def test_extract_lmms_reads_as_the_leaderboard_does(synth):
+    rows = videomme_rows(synth)[:4]
+    option_text = {row["id"]: row["options"][ord(row["answer"]) - 65] for row in rows}   # the answer's text
+    policy = ScriptedPolicy(option_text)
+    ours = ev.evaluate(policy, rows, task="mc", progress=False)
+    lmms = ev.evaluate(policy, rows, task="mc", extract="lmms", progress=False)
+    assert ours["accuracy"] == 1.0 and lmms["accuracy"] == 0.0 and lmms["unanswered"] == 4   # lmms ignores option text
+    assert lmms["extract"] == "lmms"
+
+
+def test_open_judge_gets_videochatgpts_messages_and_is_aggregated_as_it_does(synth, tmp_path):
+    import judge as judge_module
+    rows = load_jsonl(synth["eval"])[:4]
+    for i, row in enumerate(rows):
+        row["question"] = f"  What is shown? [q{i}] "                   # raw: Video-ChatGPT strips nothing
+    server = FakeJudgeServer({"q0": ["{'pred': 'yes', 'score': 4.8}"], "q1": ["{'pred': 'No.', 'score': 1}"],
+                              "q2": ["{'pred': 'maybe', 'score': 3}"], "q3": ["{'pred': 'Yes!', 'score': 5}"]})
+    try:
+        judge = judge_module.Judge(base_url=server.url, model="fake", max_retries=0, backoff=0.01)
+        replies = {row["id"]: f" answer\n{i} " for i, row in enumerate(rows)}
+        results = ev.evaluate(ScriptedPolicy(replies), rows, task="open", judge=judge, progress=False)
+    finally:
+        server.close()
+    system = "You are an intelligent chatbot designed for evaluating the correctness of generative outputs"
+    for i, row in enumerate(rows):
+        tag, prompt = next((t, p) for t, p in server.requests if t == f"q{i}")
+        assert prompt == (f"Please evaluate the following video-based question-answer pair:\n\nQuestion: {row['question']}"
+                          f"\nCorrect Answer: {row['answer']}\nPredicted Answer:  answer\n{i} \n\nProvide your "
+                          "evaluation only as a yes/no and score where the score is an integer value between 0 and 5,"
+                          " with 5 indicating the highest meaningful match. Please generate the response in the form "
+                          "of a Python dictionary string with keys 'pred' and 'score', where value of 'pred' is  a "
+                          "string of 'yes' or 'no' and value of 'score' is in INTEGER, not STRING.DO NOT PROVIDE ANY "
+                          "OTHER OUTPUT TEXT OR EXPLANATION. Only provide the Python dictionary string. For example, "
+                          "your response should look like this: {'pred': 'yes', 'score': 4.8}.")
+    assert judge_module.VCG_SYSTEM.startswith(system) and "task:------##INSTRUCTIONS: - Focus" in judge_module.VCG_SYSTEM
+    # "yes" in pred: yes; else "no" in it: no; else neither (left out of the accuracy, counted, scored)
+    assert results["accuracy"] == pytest.approx(2 / 3) and results["unclear"] == 1 and results["invalid"] == 0
+    assert results["score"] == pytest.approx((4.8 + 1 + 3 + 5) / 4) and results["judge_prompt"] == "videochatgpt"

@@ -125,7 +125,7 @@ def test_reference_wrong_answers_tie_and_empty_is_wrong():
     ("B", "B"), ("(B)", "B"), ("B)", "B"), ("B.", "B"), ("b", "B"), ("The answer is B", "B"),
     ("The best answer is B.", "B"), ("Answer: (B) a dog", "B"), ("B. a dog", "B"), ("a dog", "B"),
     ("Dog", "B"), ("I think the answer is C because", "C"), ("A cat", "A"), ("", None),
-    ("Blue", None), ("A dog is running", None), ("E", None), ("the answer is b", "B"), ("(c) a bird", "C"),
+    ("Blue", None), ("A dog is running", "B"), ("E", None), ("the answer is b", "B"), ("(c) a bird", "C"),
     ("the answer is a dog", "B"), ("the answer is a horse", None), ("b. a horse", None)])
 def test_mc_letter_extraction(response, letter):
     assert extract_choice(response, MC["options"]) == letter
@@ -413,13 +413,18 @@ def test_judge_rank_many_concurrent_and_reproducible(judge_server):
 
 def test_judge_answer_verdict(judge_server):
     replies = iter(["I would say {'pred': 'yes', 'score': 4.8} overall.", '{"pred": "maybe", "score": 3}',
-                    '{"pred": "no", "score": 1}'])
+                    '{"pred": "no", "score": 1}', "{'pred': 'maybe', 'score': 2}"])
     judge_server.behave = lambda index, body, headers: (200, {}, completion(next(replies)), 0.0)
     judge = make_judge(judge_server)
-    assert judge.judge_answer("What colour?", "red", "Red.") == {"pred": "yes", "score": 4.8}
-    assert judge.judge_answer("What colour?", "red", "blue") == {"pred": "no", "score": 1.0}   # "maybe" retried
+    # the project's own messages: pred exactly yes or no, anything else retried
+    assert judge.judge_answer("What colour?", "red", "Red.", prompt="project") == {"pred": "yes", "score": 4.8}
+    assert judge.judge_answer("What colour?", "red", "blue", prompt="project") == {"pred": "no", "score": 1.0}
     prompt = judge_server.requests[0]["body"]["messages"][-1]["content"]
     assert "Correct answer: red" in prompt and "Predicted answer: Red." in prompt
+    # Video-ChatGPT's (the default): "maybe" is neither yes nor no, kept as such, not retried
+    assert judge.judge_answer("What colour?", "red", "pink") == {"pred": "neither", "score": 2.0}
+    assert len(judge_server.requests) == 4
+    assert "Correct Answer: red\nPredicted Answer: pink" in judge_server.requests[-1]["body"]["messages"][-1]["content"]
 
 
 def test_judge_sends_frames(judge_server, monkeypatch):

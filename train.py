@@ -27,7 +27,8 @@ from tqdm import tqdm
 import checkpoint
 from configurator import barrier, configure, cosine_lr, option_keys, setup_distributed
 from data import TEMPLATES, load_jsonl
-from eval import evaluate, format_comparison
+from eval import evaluate
+from tables import format_comparison
 from grpo_rank import AGGS, BOUNDS, DCG_KINDS, METHODS
 from model import ModelConfig, VideoLM
 from oracle import ORACLE_NAMES, make_oracle
