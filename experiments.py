@@ -2,6 +2,7 @@
 Does GRPO_rank learn? Two studies.
 
 $ python experiments.py --study=bandit   # each advantage in a bandit (seconds): what it does to a policy
+$ python experiments.py --study=plot --plot_dir=out   # a run's metrics.jsonl (+ evaluations) -> out/curves.png
 $ python experiments.py                  # the video ablation (hours on 2 cores); finished runs are skipped
 $ python experiments.py --report=True    # only collect finished runs, plot and print the tables
 
@@ -30,7 +31,8 @@ from configurator import configure
 from grpo_rank import BOUNDS, DCG_KINDS, grpo_rank_loss, rank_advantages, ranks_from_scores
 
 # -----------------------------------------------------------------------------
-study = "video"            # "video" | "bandit"
+study = "video"            # "video" | "bandit" | "plot"
+plot_dir = "out"           # --study=plot: the run directory (train.py's out_dir)
 out_dir = "results"
 seeds = "0,1,2"
 max_steps = 200
@@ -225,12 +227,52 @@ def bandit_table(seeds_=range(5)):
               f"{sum(ends) / len(runs):6.3f}  {min(ends):9.3f} .. {max(ends):.3f}")
 
 
+RUN_PANELS = ["loss", "mean_abs_advantage", "sample_accuracy", "ndcg_agreement", "kl", "entropy", "clip_fraction",
+              "response_length", "truncated_fraction", "lr"]
+
+
+def plot_run(path):
+    """One run's curves: every RUN_PANELS metric of metrics.jsonl by step (and its 10-step mean), and the
+    held-out accuracy of evals.jsonl / results.json. -> the PNG's path."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    rows = read_jsonl(os.path.join(path, "metrics.jsonl"))
+    if not rows:
+        raise SystemExit(f"{path}: no metrics.jsonl lines to plot")
+    fig, axes = plt.subplots(3, 4, figsize=(16, 9))
+    steps = [row["step"] for row in rows]
+    for ax, key in zip(axes.flat, RUN_PANELS):
+        values = [row.get(key, float("nan")) for row in rows]
+        ax.plot(steps, values, alpha=0.3)
+        ax.plot(steps, smooth(values), label="10-step mean")
+        ax.set_title(key, fontsize=9)
+    evals = [(e["step"], e["accuracy"]) for e in read_jsonl(os.path.join(path, "evals.jsonl"))]
+    if os.path.exists(os.path.join(path, "results.json")):
+        with open(os.path.join(path, "results.json")) as f:
+            result = json.load(f)
+        evals = [(0, result["before"].get("accuracy"))] + evals + [(steps[-1], result["after"].get("accuracy"))]
+    ax = axes.flat[len(RUN_PANELS)]
+    ax.plot([s for s, _ in evals], [a for _, a in evals], marker="o")
+    ax.set_title("held-out accuracy", fontsize=9)
+    axes.flat[-1].axis("off")
+    for ax in axes.flat:
+        ax.set_xlabel("RL step", fontsize=8)
+    fig.tight_layout()
+    png = os.path.join(path, "curves.png")
+    fig.savefig(png, dpi=80)
+    print(f"wrote {png}")
+    return png
+
+
 def main(argv):
     configure(argv, globals())
-    if study not in ("video", "bandit"):
-        raise SystemExit(f"--study must be video or bandit, got {study!r}")
+    if study not in ("video", "bandit", "plot"):
+        raise SystemExit(f"--study must be video, bandit or plot, got {study!r}")
     if study == "bandit":
         return bandit_table()
+    if study == "plot":
+        return plot_run(plot_dir)
     os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
     runs = plan()
     if not report:

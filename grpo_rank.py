@@ -17,7 +17,7 @@ The paper's advantage rewards the policy's own ranking *agreeing* with the Oracl
 """
 import torch
 
-DCG_KINDS, BOUNDS, AGGS = ("eq10", "eq11", "table3"), ("symmetric", "literal"), ("sequence", "token")
+DCG_KINDS, BOUNDS, LOSS_TYPES = ("eq10", "eq11", "table3"), ("symmetric", "literal"), ("grpo", "bnpo", "dr_grpo", "dapo")
 METHODS = ("lambda", "paper", "rank_reward")
 
 
@@ -114,27 +114,32 @@ def rank_advantages(oracle_rank, seq_logp, method="lambda", dcg_kind="eq10", bou
     return lambdas.sum(2) - lambdas.sum(1)         # pushes received as winner minus as loser
 
 
-def masked_mean(values, mask, agg="sequence"):
-    """values, mask: (N, L) -> scalar. "sequence": mean over each sequence's tokens, then over the
-    sequences that have tokens (Eq. 6's 1/|o_i| and 1/G; an all-zero mask row, e.g. a masked
-    truncated completion, drops out of the count); "token": mean over all tokens."""
-    _check_choice("agg", agg, AGGS)
+def masked_mean(values, mask, loss_type="grpo", max_completion_length=None, num_items=None):
+    """values, mask: (N, L) -> scalar, normalised as TRL's loss_type: "grpo" mean over each sequence's
+    tokens, then over the sequences (Eq. 6's 1/|o_i| and 1/G; a row with no tokens, e.g. a masked
+    truncated completion, drops out here, where TRL counts it as 0); "bnpo" mean over all tokens;
+    "dr_grpo" sum / (N * max_completion_length); "dapo" sum / num_items (the whole batch's tokens over
+    all processes, divided by their number; default: this batch's tokens, i.e. "bnpo")."""
+    _check_choice("loss_type", loss_type, LOSS_TYPES)
     mask = mask.to(values.dtype)
-    if agg == "token":
-        return (values * mask).sum() / mask.sum().clamp(min=1.0)
-    tokens = mask.sum(-1)
-    per_sequence = (values * mask).sum(-1) / tokens.clamp(min=1.0)
-    return per_sequence.sum() / (tokens > 0).sum().clamp(min=1)
+    total = values * mask
+    if loss_type == "grpo":
+        tokens = mask.sum(-1)
+        return (total.sum(-1) / tokens.clamp(min=1.0)).sum() / (tokens > 0).sum().clamp(min=1)
+    if loss_type == "dr_grpo":
+        return total.sum() / (mask.shape[0] * (max_completion_length or mask.shape[1]))
+    return total.sum() / (num_items if loss_type == "dapo" and num_items else mask.sum().clamp(min=1.0))
 
 
-def grpo_rank_loss(logp, old_logp, ref_logp, advantages, mask, epsilon=0.2, epsilon_high=None,
-                   beta=0.04, entropy=None, entropy_coef=0.0, agg="sequence"):
+def grpo_rank_loss(logp, old_logp, ref_logp, advantages, mask, epsilon=0.2, epsilon_high=None, beta=0.04,
+                   entropy=None, entropy_coef=0.0, loss_type="grpo", max_completion_length=None, num_items=None,
+                   use_bias_correction_kl=False):
     """The negative GRPO_rank objective (Eq. 6) and detached stats.
-    logp: (N, L) token log-probs under the policy being trained (with grad); old_logp: (N, L)
-    under the policy the ratio is taken against (Eq. 4); ref_logp: (N, L) under the reference
-    policy of the KL term (None allowed when beta = 0); advantages: (N,); mask: (N, L), 1 on
-    completion tokens; entropy: (N, L) per-token entropy (with grad) for the bonus, or None.
-    Returns (loss: scalar tensor, stats: dict of floats)."""
+    logp: (N, L) token log-probs under the policy being trained (with grad); old_logp: (N, L) under the
+    policy the ratio is taken against (Eq. 4); ref_logp: (N, L) under the reference policy of the KL
+    term (None allowed when beta = 0); advantages: (N,); mask: (N, L), 1 on completion tokens;
+    entropy: (N, L) per-token entropy (with grad) for the bonus, or None; loss_type etc.: masked_mean;
+    use_bias_correction_kl: the KL term times the ratio, as TRL's default. -> (loss, stats dict)."""
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
     if logp.dim() != 2:
         raise ValueError(f"logp must have shape (N, L), got {tuple(logp.shape)}")
@@ -155,15 +160,15 @@ def grpo_rank_loss(logp, old_logp, ref_logp, advantages, mask, epsilon=0.2, epsi
         log_ref_ratio = ref_logp.detach() - logp
         # k3 estimator of D_KL[pi_theta || pi_ref] (DeepSeekMath's GRPO); Eq. 3/6 print D_KL[pi_old || pi_theta]
         kl = torch.exp(log_ref_ratio) - log_ref_ratio - 1.0
-        objective = objective - beta * kl                                           # Eq. 6, - beta D_KL
+        objective = objective - beta * (kl * ratio if use_bias_correction_kl else kl)   # Eq. 6, - beta D_KL
     if entropy is not None and entropy_coef != 0:
         objective = objective + entropy_coef * entropy                              # Eq. 6, + c_entropy H
-    loss = -masked_mean(objective, mask, agg)
+    loss = -masked_mean(objective, mask, loss_type, max_completion_length, num_items)
 
     with torch.no_grad():
         clipped = ((ratio < 1.0 - epsilon) & (adv < 0)) | ((ratio > 1.0 + epsilon_high) & (adv > 0))
-        stats = {"clip_fraction": masked_mean(clipped.to(logp.dtype), mask, "token").item(),
-                 "ratio": masked_mean(ratio, mask, "token").item(),
-                 "kl": masked_mean(kl, mask, "token").item(),
-                 "entropy": masked_mean(entropy, mask, "token").item() if entropy is not None else 0.0}
+        stats = {"clip_fraction": masked_mean(clipped.to(logp.dtype), mask, "bnpo").item(),
+                 "ratio": masked_mean(ratio, mask, "bnpo").item(),
+                 "kl": masked_mean(kl, mask, "bnpo").item(),
+                 "entropy": masked_mean(entropy, mask, "bnpo").item() if entropy is not None else 0.0}
     return loss, stats

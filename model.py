@@ -211,8 +211,7 @@ class VideoLM(nn.Module):
         return self
 
     def disable_dropout(self):
-        """RL runs without dropout: the rollout, reference and training passes must score the same
-        policy, so that the first pass's ratio is exactly 1."""
+        """RL runs without dropout: every pass must score the same policy (the first pass's ratio is 1)."""
         for module in self.modules():
             if isinstance(module, nn.Dropout):
                 module.p = 0.0
@@ -340,26 +339,28 @@ class VideoLM(nn.Module):
         return torch.cat([first, rest.logits], 1)
 
     @torch.no_grad()
-    def generate(self, features, prompt_ids, prompt_mask, group_size=1, max_new_tokens=8,
-                 temperature=1.0, top_p=1.0, greedy=False, generator=None, all_finished=None):
+    def generate(self, features, prompt_ids, prompt_mask, group_size=1, max_new_tokens=8, greedy=False,
+                 generator=None, all_finished=None, **sampling):
         """Sample group_size completions per prompt in one batched, KV-cached loop.
-        features: (B, V, C); prompt_*: (B, P) -> completion_ids (B*G, L) (pad after EOS),
+        features: encode_video's; prompt_*: (B, P) -> completion_ids (B*G, L) (pad after EOS),
         completion_mask (B*G, L) (1 up to and including EOS), truncated (B*G,) bool (no EOS).
-        all_finished: done (B*G,) bool -> whether to stop (default: every row has its EOS); sharded
-        processes pass one that agrees across processes (configurator.all_finished)."""
+        sampling: rollout.sample_token's temperature, top_p, top_k, repetition_penalty (prompt and completion
+        tokens). all_finished: done (B*G,) bool -> stop? (default: every row has its EOS); sharded processes
+        pass one that agrees across processes (configurator.all_finished)."""
         all_finished = all_finished or (lambda done: bool(done.all()))
         embeds, mask = self.prompt_embeddings(features, prompt_ids, prompt_mask)
         embeds, mask = embeds.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
+        seen = torch.where((prompt_mask > 0) & (prompt_ids >= 0), prompt_ids, -1).repeat_interleave(group_size, 0)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         done = torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
         tokens, keep = [], []
         out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), use_cache=True)
         for _ in range(max_new_tokens):
-            next_token = sample_token(out.logits[:, -1].float(), temperature, top_p, greedy, generator)
+            next_token = sample_token(out.logits[:, -1].float(), greedy=greedy, generator=generator, seen=seen, **sampling)
             next_token = torch.where(done, torch.full_like(next_token, pad), next_token)
             keep.append(~done)
             tokens.append(next_token)
-            done = done | (next_token == eos)
+            done, seen = done | (next_token == eos), torch.cat([seen, next_token.unsqueeze(1)], 1)
             if all_finished(done):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
@@ -407,8 +408,7 @@ class VideoLM(nn.Module):
             config = ModelConfig.from_dict({**meta["model"], **overrides})
         except (ValueError, KeyError, TypeError) as err:
             raise checkpoint.CheckpointError(f"{config_path}: not a model config ({type(err).__name__}: {err})") from None
-        if config.lm == "tiny" and not config.tokenizer:
-            config.tokenizer = os.path.join(path, TOKENIZER)
+        config.tokenizer = config.tokenizer or (os.path.join(path, TOKENIZER) if config.lm == "tiny" else "")
         model = cls(config)
         model.config.tokenizer = meta["model"]["tokenizer"]
         if meta.get("reference"):

@@ -37,10 +37,19 @@ class Rollout:
     temperature: float = 1.0       # the sampling temperature: every log-prob is of logits / temperature
 
 
-def sample_token(logits, temperature=1.0, top_p=1.0, greedy=False, generator=None):
-    """(N, vocab) float logits -> (N,) token ids: greedy, or temperature + nucleus (top-p) sampling."""
+def sample_token(logits, temperature=1.0, top_p=1.0, greedy=False, generator=None, top_k=0, repetition_penalty=1.0,
+                 seen=None):
+    """(N, vocab) float logits -> (N,) token ids: greedy, or temperature + top-k + nucleus (top-p)
+    sampling. repetition_penalty (HF's): the logit of every token in seen (N, S) (ids, -1 = none) is
+    divided by it where positive and multiplied where negative, before anything else."""
+    if repetition_penalty != 1.0 and seen is not None and seen.numel():
+        hit = torch.zeros_like(logits).scatter_add(1, seen.clamp(min=0), (seen >= 0).to(logits.dtype)) > 0
+        penalised = torch.where(logits > 0, logits / repetition_penalty, logits * repetition_penalty)
+        logits = torch.where(hit, penalised, logits)
     if greedy or temperature == 0:
         return logits.argmax(-1)
+    if top_k > 0:
+        logits = logits.masked_fill(logits < logits.topk(min(top_k, logits.shape[-1]), -1).values[:, -1:], float("-inf"))
     probs = torch.softmax(logits / temperature, -1)
     if top_p < 1.0:
         sorted_probs, order = probs.sort(-1, descending=True)
@@ -94,18 +103,19 @@ def tie_identical(seq_logp, completion_ids, completion_mask):
 
 
 @torch.no_grad()
-def rollout(policy, samples, frames, group_size, max_new_tokens=8, temperature=1.0, top_p=1.0,
-            mask_truncated_completions=False, generator=None, all_finished=None):
+def rollout(policy, samples, frames, group_size, max_new_tokens=8, mask_truncated_completions=False, generator=None,
+            all_finished=None, **sampling):
     """Sample G responses for each of B prompts (Algorithm 1 line 6) and score them (line 8).
-    samples: B dataset rows; frames: uint8 (B, T, H, W, 3) -> Rollout. all_finished: see
-    VideoLM.generate (sharded processes stop generating together)."""
+    samples: B dataset rows; frames: uint8 (B, T, H, W, 3) -> Rollout. sampling: temperature, top_p,
+    top_k, repetition_penalty (sample_token); all_finished: see VideoLM.generate."""
+    temperature = sampling.get("temperature", 1.0)
     was_training = policy.training
     policy.eval()                                     # no dropout while sampling and scoring
     features = policy.encode_video(frames)            # once per prompt, reused for all G
     prompt_ids, prompt_mask = policy.encode_prompts(samples)
     completion_ids, completion_mask, truncated = policy.generate(
         features, prompt_ids, prompt_mask, group_size=group_size, max_new_tokens=max_new_tokens,
-        temperature=temperature, top_p=top_p, generator=generator, all_finished=all_finished)
+        generator=generator, all_finished=all_finished, **sampling)
     loss_mask = completion_mask.clone()
     if mask_truncated_completions:                    # a cut-off answer is not evidence either way
         loss_mask[truncated] = 0

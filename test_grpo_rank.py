@@ -246,13 +246,13 @@ def test_ratio_one_gives_policy_gradient_and_stats():
     assert stats["ratio"] == pytest.approx(1.0) and stats["kl"] == pytest.approx(0.0) and stats["clip_fraction"] == 0.0
 
 
-def test_sequence_vs_token_aggregation():
+def test_grpo_vs_bnpo_aggregation():
     values = torch.tensor([[1.0, 1.0, 1.0], [4.0, 0.0, 0.0]])
     mask = torch.tensor([[1, 1, 1], [1, 0, 0]])
-    assert masked_mean(values, mask, "sequence").item() == pytest.approx((1.0 + 4.0) / 2)
-    assert masked_mean(values, mask, "token").item() == pytest.approx(7.0 / 4)
+    assert masked_mean(values, mask, "grpo").item() == pytest.approx((1.0 + 4.0) / 2)
+    assert masked_mean(values, mask, "bnpo").item() == pytest.approx(7.0 / 4)
     # a sequence with no tokens (e.g. a masked truncated completion) does not dilute the mean
-    assert masked_mean(values, torch.tensor([[1, 1, 1], [0, 0, 0]]), "sequence").item() == pytest.approx(1.0)
+    assert masked_mean(values, torch.tensor([[1, 1, 1], [0, 0, 0]]), "grpo").item() == pytest.approx(1.0)
 
 
 # ----------------------------------------------------------------------------- the bandit
@@ -308,8 +308,8 @@ def test_loss_errors_name_the_argument():
         grpo_rank_loss(logp, logp, logp, torch.zeros(2, 3), torch.ones(2, 3))
     with pytest.raises(ValueError, match="ref_logp is required"):
         grpo_rank_loss(logp, logp, None, torch.zeros(2), torch.ones(2, 3), beta=0.04)
-    with pytest.raises(ValueError, match="agg must be one of"):
-        grpo_rank_loss(logp, logp, logp, torch.zeros(2), torch.ones(2, 3), agg="batch")
+    with pytest.raises(ValueError, match="loss_type must be one of"):
+        grpo_rank_loss(logp, logp, logp, torch.zeros(2), torch.ones(2, 3), loss_type="batch")
 
 
 def test_dense_and_competition_ranks_give_the_same_advantages():
@@ -318,3 +318,57 @@ def test_dense_and_competition_ranks_give_the_same_advantages():
         dense = rank_advantages(long(0, 0, 1, 1), seq_logp, method)
         competition = rank_advantages(long(0, 0, 2, 2), seq_logp, method)
         assert torch.equal(dense, competition), method
+
+
+# ----------------------------------------------------------------------------- TRL's loss types
+
+def trl_loss(logp, old_logp, ref_logp, advantages, mask, loss_type, beta, epsilon, max_completion_length,
+             num_items, bias_correction):
+    """TRL's GRPOTrainer loss as its documentation and source define it (v1.16, written out here, not
+    imported): per token -min(r A, clip(r) A) + beta * k3-KL (times r with use_bias_correction_kl), then
+    grpo: mean over rows of each row's token mean (an empty row counts as 0); bnpo: sum / tokens;
+    dr_grpo: sum / (rows * max_completion_length); dapo: sum / (global tokens / processes)."""
+    ratio = torch.exp(logp - old_logp)
+    per_token = -torch.min(ratio * advantages[:, None], torch.clamp(ratio, 1 - epsilon, 1 + epsilon) * advantages[:, None])
+    kl = torch.exp(ref_logp - logp) - (ref_logp - logp) - 1
+    per_token = per_token + beta * (kl * ratio if bias_correction else kl)
+    m = mask.float()
+    if loss_type == "grpo":
+        return ((per_token * m).sum(-1) / m.sum(-1).clamp(min=1.0)).mean()
+    if loss_type == "bnpo":
+        return (per_token * m).sum() / m.sum().clamp(min=1.0)
+    if loss_type == "dr_grpo":
+        return (per_token * m).sum() / (per_token.size(0) * max_completion_length)
+    return (per_token * m).sum() / num_items
+
+
+@pytest.mark.parametrize("loss_type", ["grpo", "bnpo", "dr_grpo", "dapo"])
+@pytest.mark.parametrize("bias_correction", [False, True])
+def test_loss_types_are_trls_on_ragged_batches(loss_type, bias_correction):
+    generator = torch.Generator().manual_seed(7)
+    for _ in range(5):
+        rows, width = 6, 9
+        lengths = torch.randint(1, width + 1, (rows,), generator=generator)        # ragged, none empty
+        mask = (torch.arange(width)[None] < lengths[:, None]).long()
+        logp = (-torch.rand(rows, width, generator=generator) * 3).requires_grad_()
+        old_logp = logp.detach() + 0.3 * torch.randn(rows, width, generator=generator)
+        ref_logp = logp.detach() + 0.3 * torch.randn(rows, width, generator=generator)
+        advantages = torch.randn(rows, generator=generator)
+        num_items = float(mask.sum()) * 1.5 / 2          # as if another process held half as many tokens
+        ours, _ = grpo_rank_loss(logp, old_logp, ref_logp, advantages, mask, epsilon=0.2, beta=0.04,
+                                 loss_type=loss_type, max_completion_length=12, num_items=num_items,
+                                 use_bias_correction_kl=bias_correction)
+        theirs = trl_loss(logp, old_logp, ref_logp, advantages, mask, loss_type, 0.04, 0.2, 12, num_items, bias_correction)
+        assert ours.item() == pytest.approx(theirs.item(), rel=1e-6, abs=1e-7)
+        ours_grad, = torch.autograd.grad(ours, logp)
+        theirs_grad, = torch.autograd.grad(theirs, logp)
+        assert torch.allclose(ours_grad, theirs_grad, atol=1e-7)
+
+
+def test_grpo_drops_empty_rows_where_trl_counts_them():
+    # the one deliberate difference (README, "Coming from TRL"): a row with no tokens left (a masked
+    # truncated completion) is evidence of nothing, so it does not dilute the mean of the others
+    values, mask = torch.tensor([[2.0, 2.0], [5.0, 5.0]]), torch.tensor([[1, 1], [0, 0]])
+    assert masked_mean(values, mask, "grpo").item() == 2.0
+    trl = ((values * mask).sum(-1) / mask.sum(-1).clamp(min=1)).mean().item()
+    assert trl == 1.0

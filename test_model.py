@@ -655,3 +655,15 @@ def test_shared_prefix_scoring_equals_the_full_pass_with_gradients(frames, train
     assert not torch.allclose(results[False][0][kept], results[False][1][kept], atol=1e-3)
     for shared, full in zip(results[True][2], results[False][2]):
         assert (shared - full).norm() <= 1e-4 * full.norm()
+
+
+def test_sample_token_top_k_and_repetition_penalty():
+    logits = torch.tensor([[3.0, 2.9, 1.0, -2.0]])
+    drawn = {sample_token(logits, top_k=2, generator=torch.Generator().manual_seed(s)).item() for s in range(40)}
+    assert drawn == {0, 1}                                   # only the two best tokens can be drawn
+    seen = torch.tensor([[0, 3, -1]])                        # token 0 and 3 seen (-1: none)
+    penalised = sample_token(logits, greedy=True, repetition_penalty=2.0, seen=seen)
+    assert penalised.item() == 1                             # 3.0 / 2 < 2.9: the repeated token loses
+    assert sample_token(logits, greedy=True, repetition_penalty=1.0, seen=seen).item() == 0
+    negative = torch.tensor([[-1.0, -1.5]])                  # a negative logit is multiplied: -1 -> -2
+    assert sample_token(negative, greedy=True, repetition_penalty=2.0, seen=torch.tensor([[0]])).item() == 1

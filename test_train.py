@@ -531,6 +531,16 @@ def test_a_config_file_with_a_syntax_error_names_file_and_line(tmp_path):
         run_train(str(config))
 
 
+def test_trl_names_and_the_earlier_loss_agg_alias(synth, sft_dir, tmp_path):
+    _, results = run_train(*common(synth, sft_dir, str(tmp_path / "a")), "--max_steps=1", "--loss_agg=token",
+                           "--top_k=3", "--repetition_penalty=1.2", "--use_bias_correction_kl=True")
+    assert results["config"]["loss_type"] == "bnpo" and results["config"]["top_k"] == 3
+    with pytest.raises(SystemExit, match="--loss_type must be one of"):
+        run_train("--loss_type=sequence")
+    _, results = run_train(*common(synth, sft_dir, str(tmp_path / "b")), "--max_steps=1", "--loss_type=dapo")
+    assert results["config"]["loss_type"] == "dapo" and read_metrics(str(tmp_path / "b"))[0]["nonfinite_steps"] == 0
+
+
 def test_judge_time_limits_are_train_options():
     module = importlib.reload(train)
     configure(["--oracle=judge", "--judge_model=m", "--judge_timeout=2.0", "--judge_max_seconds=5.0",
@@ -538,3 +548,63 @@ def test_judge_time_limits_are_train_options():
     judge = module.build_oracle()
     assert (judge.client["timeout"], judge.client["max_seconds"], judge.client["max_retries"]) == (2.0, 5.0, 1)
     importlib.reload(train)
+
+
+# ----------------------------------------------------------------------------- watching and scaling a run
+
+def test_tensorboard_gets_the_metrics_and_the_evaluations(synth, sft_dir, tmp_path):
+    pytest.importorskip("tensorboard")                        # optional: pip install tensorboard
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+    out = str(tmp_path / "out")
+    run_train(*common(synth, sft_dir, out), "--max_steps=2", "--report_to=tensorboard")
+    events = EventAccumulator(os.path.join(out, "tensorboard"))
+    events.Reload()
+    tags = set(events.Tags()["scalars"])
+    assert {"train/loss", "train/sample_accuracy", "train/kl", "eval/accuracy"} <= tags
+    assert any(tag.startswith("eval/by_category/") for tag in tags)
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2]
+    assert [e.value for e in events.Scalars("train/loss")] == pytest.approx([r["loss"] for r in read_metrics(out)])
+
+
+def test_tensorboard_missing_says_how_to_install_it(tmp_path, monkeypatch):
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    module = importlib.reload(train)
+    configure(["--report_to=tensorboard", f"--out_dir={tmp_path}"], vars(module))
+    with pytest.raises(SystemExit, match="needs the tensorboard package: pip install tensorboard"):
+        module.tensorboard(master=True)
+    importlib.reload(train)
+
+
+def test_any_runs_metrics_become_a_curves_png(synth, sft_dir, tmp_path):
+    import experiments
+    out = str(tmp_path / "out")
+    run_train(*common(synth, sft_dir, out), "--max_steps=3", "--eval_every=2")
+    path = importlib.reload(experiments).main(["--study=plot", f"--plot_dir={out}"])
+    assert path == os.path.join(out, "curves.png") and os.path.getsize(path) > 10_000
+    with open(path, "rb") as f:
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_two_torchrun_nodes_on_loopback_then_resume_on_one_process(synth, tmp_path):
+    """Two nodes of one process each (--nnodes=2, a c10d rendezvous on 127.0.0.1) train 2 steps; the
+    checkpoint holds full, unsharded state, so a single process resumes it and trains on."""
+    import socket
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    out = str(tmp_path / "out")
+    args = [os.path.join(HERE, "train.py"), "--max_steps=3", "--stop_after_steps=2", "--sft_steps=10", "--eval_size=8",
+            f"--out_dir={out}", f"--train_data={synth['train']}", f"--eval_data={synth['eval']}",
+            "--batch_size=4", "--num_generations=4", "--num_threads=1", "--save_every=100"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes=2", "--nproc_per_node=1",
+                               f"--node_rank={rank}", "--rdzv_backend=c10d", f"--rdzv_endpoint=127.0.0.1:{port}",
+                               "--rdzv_id=loopback-test", *args], cwd=str(tmp_path), env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) for rank in (0, 1)]
+    logs = [node.communicate(timeout=240)[0] for node in nodes]
+    assert all(node.returncode == 0 for node in nodes), logs[0][-3000:] + logs[1][-3000:]
+    assert [r["step"] for r in read_metrics(out)] == [1, 2]
+    state = checkpoint.load_state(os.path.join(out, "ckpt"), "train_state")
+    assert len(state["rng"]["generators"]) == 2                 # both nodes' sampling streams were saved
+    module, results = run_train(*args[1:], "--resume=True", "--stop_after_steps=0")   # world size 1 now
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3] and results["after"]["n"] == 8

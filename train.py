@@ -29,7 +29,7 @@ from configurator import barrier, configure, cosine_lr, option_keys, setup_distr
 from data import TEMPLATES, load_jsonl
 from eval import evaluate
 from tables import format_comparison
-from grpo_rank import AGGS, BOUNDS, DCG_KINDS, METHODS
+from grpo_rank import BOUNDS, DCG_KINDS, LOSS_TYPES, METHODS
 from model import ModelConfig, VideoLM
 from oracle import ORACLE_NAMES, make_oracle
 from sft import train_sft
@@ -47,6 +47,7 @@ eval_batch_size = 64
 seed = 1337
 num_threads = 2              # CPU results depend on the thread count: fix it
 stop_after_steps = 0         # end this invocation after N steps as if interrupted (resume later); 0: off
+report_to = "none"           # "tensorboard": metrics and evaluations also to out_dir/tensorboard (pip install tensorboard)
 # data
 data_dir = "data/synth"      # the synthetic set is made here when train_data is empty
 train_data = ""              # JSONL in data.py's format
@@ -90,7 +91,11 @@ temperature = 1.0
 top_p = 1.0
 max_new_tokens = 8
 mask_truncated_completions = False
-loss_agg = "sequence"        # "sequence" (Eq. 6) | "token"
+loss_type = "grpo"           # TRL's names: "grpo" (Eq. 6: mean per sequence, then over sequences) | "bnpo" | "dr_grpo" | "dapo"
+loss_agg = ""                # the earlier name: "sequence" = grpo, "token" = bnpo
+use_bias_correction_kl = False   # True: the KL term times the importance ratio (TRL's default)
+top_k = 0                    # sampling: 0 = off
+repetition_penalty = 1.0     # sampling: 1 = off
 num_iterations = 2           # mu: optimisation passes over each rollout
 learning_rate = 1e-3
 weight_decay = 0.0
@@ -125,7 +130,7 @@ RANGES = {"save_every": (1, None), "eval_every": (0, None), "eval_size": (0, Non
           "temperature": (0, None), "top_p": (1e-9, 1), "max_new_tokens": (1, None), "num_iterations": (1, None),
           "learning_rate": (1e-12, None), "weight_decay": (0, None), "grad_clip": (1e-12, None), "warmup_steps": (0, None),
           "batch_size": (1, None), "epochs": (1, None), "max_steps": (0, None), "max_bad_steps": (1, None),
-          "oracle_workers": (1, None), "judge_timeout": (1e-3, None), "judge_max_seconds": (1e-3, None),
+          "oracle_workers": (1, None), "top_k": (0, None), "repetition_penalty": (1e-6, None), "judge_timeout": (1e-3, None), "judge_max_seconds": (1e-3, None),
           "judge_max_retries": (0, None)}
 
 
@@ -133,8 +138,10 @@ def check_options():
     """Every option's value, at start (before any data or model work), the message naming the option."""
     for name, value, choices in [("advantage", advantage, METHODS), ("dcg_kind", dcg_kind, DCG_KINDS),
                                  ("bound", bound, BOUNDS), ("ratio_policy", ratio_policy, ("rollout", "reference")),
-                                 ("loss_agg", loss_agg, AGGS), ("oracle", oracle, ORACLE_NAMES), ("template", template, TEMPLATES),
-                                 ("vision_post_layernorm", vision_post_layernorm, ("auto", "true", "false"))]:
+                                 ("loss_type", loss_type, LOSS_TYPES), ("loss_agg", loss_agg, ("", "sequence", "token")),
+                                 ("oracle", oracle, ORACLE_NAMES), ("template", template, TEMPLATES),
+                                 ("vision_post_layernorm", vision_post_layernorm, ("auto", "true", "false")),
+                                 ("report_to", report_to, ("none", "tensorboard"))]:
         if value not in choices:
             raise SystemExit(f"--{name} must be one of {choices}, got {value!r}")
     for name, (low, high) in RANGES.items():
@@ -144,6 +151,8 @@ def check_options():
         if value < low or (high is not None and value > high):
             raise SystemExit(f"--{name} must be " + (f"in [{low}, {high}]" if high is not None else f">= {low}")
                              + f", got {value}")
+    if loss_agg:   # the earlier option name, kept as an alias
+        globals()["loss_type"] = {"sequence": "grpo", "token": "bnpo"}[loss_agg]
     if temperature == 0:
         warnings.warn("temperature=0 samples greedily: the G responses of a group are identical, the Oracle ties "
                       "them, and every advantage is zero (nothing to learn). Use a temperature > 0 for training.")
@@ -288,6 +297,30 @@ def append_jsonl(path, row):
         f.write(json.dumps(row) + "\n")
 
 
+def tensorboard(master):
+    """A TensorBoard writer into out_dir/tensorboard with --report_to=tensorboard (process 0), else None.
+    metrics.jsonl stays the record; this is for watching a run live: tensorboard --logdir=OUT_DIR."""
+    if report_to != "tensorboard" or not master:
+        return None
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SystemExit("--report_to=tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(os.path.join(out_dir, "tensorboard"))
+
+
+def report(writer, prefix, values, step):
+    """Numbers of a metrics row or an evaluation (its by_* breakdowns as prefix/by_category/NAME) to TensorBoard."""
+    for key, value in (values or {}).items() if writer is not None else ():
+        if isinstance(value, dict):
+            for name, metrics in value.items():
+                writer.add_scalar(f"{prefix}/{key}/{name}", metrics["accuracy"], step)
+        elif isinstance(value, (int, float)) and not isinstance(value, bool):
+            writer.add_scalar(f"{prefix}/{key}", value, step)
+    if writer is not None:
+        writer.flush()
+
+
 # ----------------------------------------------------------------------------- main
 
 def main(argv):
@@ -337,7 +370,8 @@ def main(argv):
     if master:
         keep_metrics_until(metrics_path, step)
 
-    step_config = StepConfig.from_options(globals())
+    step_config, writer = StepConfig.from_options(globals()), tensorboard(master)
+    report(writer, "eval", before, step)
     tick, bad_in_a_row, steps_this_run = time.time(), 0, 0
     bar = tqdm(total=total_steps, initial=step, desc="grpo_rank", disable=not master)
     while step < total_steps:                                             # Algorithm 1 lines 2 and 4
@@ -362,6 +396,7 @@ def main(argv):
                "samples_per_s": samples_done / elapsed, "seconds": time.time() - start}
         if master:
             append_jsonl(metrics_path, row)
+            report(writer, "train", row, step)
             bar.update(1)
             bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['sample_accuracy']:.2f}", ndcg=f"{row['ndcg_agreement']:.2f}")
         if bad_in_a_row >= max_bad_steps:   # after its metrics line, so the run's record is complete
@@ -374,6 +409,7 @@ def main(argv):
             if master:
                 tqdm.write(f"step {step}: held-out accuracy {mid['accuracy']:.3f}")
                 append_jsonl(os.path.join(out_dir, "evals.jsonl"), {"step": step, **mid})
+                report(writer, "eval", mid, step)
         if step % save_every == 0 or step == total_steps or steps_this_run == stop_after_steps:
             state = {"step": step, "epoch": step // steps_per_epoch, "config": config, "counters": counters, "before": before}
             checkpoint.save_training(ckpt_dir, policy, optimizer, generator, state, master)
@@ -381,6 +417,8 @@ def main(argv):
             bar.close()
             if master:
                 print(f"stopped after {steps_this_run} steps (stop_after_steps); --resume=True continues")
+            if writer is not None:
+                writer.close()
             return None
     bar.close()
     timings["rl"] = time.time() - tick
@@ -391,11 +429,14 @@ def main(argv):
     timings["total"] = time.time() - start
     results = {"before": before, "after": after, "config": config, "seconds": timings, "counters": counters}
     if master:
+        report(writer, "eval", after, step)
         with open(os.path.join(out_dir, "results.json"), "w") as f:
             json.dump(results, f, indent=2)
         if before and after:
             print(format_comparison(before, after, names=("before (SFT)", f"after ({advantage})")))
         print(f"wrote {out_dir}/results.json; {counters}; {timings['total']:.0f} s in all")
+    if writer is not None:
+        writer.close()
     if dist.is_initialized():
         dist.destroy_process_group()
     return results

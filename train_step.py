@@ -44,7 +44,10 @@ class StepConfig:
     epsilon: float
     epsilon_high: float               # 0: same as epsilon
     entropy_coef: float
-    loss_agg: str                     # "sequence" | "token"
+    loss_type: str                    # grpo_rank.LOSS_TYPES (TRL's names)
+    use_bias_correction_kl: bool      # the KL term times the ratio (TRL's default)
+    top_k: int
+    repetition_penalty: float
     num_iterations: int               # mu
     grad_clip: float
     oracle_workers: int
@@ -159,8 +162,9 @@ def train_step(policy, optimizer, samples, oracle, config, lr, generator, step=0
             raise RuntimeError(f"step {step}: {int(failed_total)} of {int(seen_total)} videos failed to decode "
                                f"(more than {config.max_bad_video_fraction:.0%}), e.g. {[s['video'] for s in failed[:3]]}")
     with phase("rollout"):                                                     # lines 6 and 8
-        batch = rollout(policy, samples, frames.to(device), group_size, config.max_new_tokens, config.temperature,
-                        config.top_p, config.mask_truncated_completions, generator, all_finished)
+        batch = rollout(policy, samples, frames.to(device), group_size, config.max_new_tokens,
+                        config.mask_truncated_completions, generator, all_finished, temperature=config.temperature,
+                        top_p=config.top_p, top_k=config.top_k, repetition_penalty=config.repetition_penalty)
     with phase("oracle"):                                                      # line 7
         oracle_rank, valid, failures = oracle_ranks(oracle, samples, batch.responses, config.oracle_workers)
         for message in failures:
@@ -190,13 +194,15 @@ def train_step(policy, optimizer, samples, oracle, config, lr, generator, step=0
     # line 10: mu passes. A non-finite loss or gradient skips the step on every process, and a skipped
     # step changes nothing: the weights and optimizer state of before its first update are put back.
     losses, loss_stats, nonfinite, before = [], [], False, None
+    num_items = reduce_sum([batch.loss_mask.sum().item()], device)[0] / rank_and_world()[1]   # "dapo": all tokens
     for _ in range(config.num_iterations):
         with phase("forward"):
             logp = completion_logprobs(policy, batch, with_entropy=config.entropy_coef != 0)
             logp, entropy = logp if isinstance(logp, tuple) else (logp, None)
             loss, stats = grpo_rank_loss(logp, old_logp, ref_logp if config.beta != 0 else None, advantages,
                                          batch.loss_mask, config.epsilon, config.epsilon_high or None, config.beta,
-                                         entropy, config.entropy_coef, config.loss_agg)
+                                         entropy, config.entropy_coef, config.loss_type, config.max_new_tokens,
+                                         num_items, config.use_bias_correction_kl)
             nonfinite = reduce_sum([float(not torch.isfinite(loss))], device)[0] > 0   # all processes skip together
         if nonfinite:
             break
