@@ -10,11 +10,15 @@ The bandit: a softmax policy over `num_answers` answers of known quality; each s
 for each of `batch` prompts, an Oracle ranks them by quality (equal answers tie), and one Adam step
 is taken on grpo_rank_loss. It prints expected quality / best quality before and after.
 
-The video ablation: every advantage from the SAME SFT warm start, same steps, several seeds, under two
-Oracles; writes results/ablation.json, results/curves.png and a README-ready table.
+The video ablation: every advantage from the SAME SFT warm start (the default `python train.py`'s),
+same steps, several seeds, under two Oracles, with and without the KL term, plus a learning-rate sweep;
+writes results/ablation.json, results/curves.png and README-ready tables. `parallel` runs at a time,
+`num_threads` torch threads each (a run's numbers depend on its thread count, not on what runs beside it).
 
 Runs (each is `python train.py ...` in its own process, output in results/runs/<name>/):
-  main:     advantage paper | lambda | rank_reward  x  oracle reference | graded  x  seeds
+  default:  advantage paper | lambda | rank_reward | pairwise_gain  x  oracle reference | graded  x  seeds
+  beta=0:   the same without the KL term (paper excepted: it does not learn with it)
+  lr=...:   each method but paper at the other learning rates (reference Oracle, first seed)
   variants: advantage=paper with dcg_kind eq10 | eq11 | table3, bound symmetric | literal,
             ratio_policy rollout | reference (reference Oracle, first seed)
 """
@@ -35,33 +39,51 @@ study = "video"            # "video" | "bandit" | "plot"
 plot_dir = "out"           # --study=plot: the run directory (train.py's out_dir)
 out_dir = "results"
 seeds = "0,1,2"
-max_steps = 200
-eval_every = 50
+max_steps = 800            # where the curves have flattened (200 stopped them rising)
+epochs = 7                 # 125 steps per epoch: enough epochs for max_steps
+eval_every = 100
+learning_rates = "5e-4,2e-3"   # the sweep, beside train.py's 1e-3
+betas = "0.04,0"           # train.py's, then none
 sft_steps = 300
-sft_seed = 1337            # the warm start of the default `python train.py`
+sft_seed = 1337            # the warm start of the default `python train.py` ...
+sft_threads = 2            # ... trained with its thread count, so it is the same model
 variants = True            # also the paper's open variants
 report = False             # only collect, plot and print
-num_threads = 2
+num_threads = 1
+parallel = 2               # runs at a time
 # -----------------------------------------------------------------------------
-METHODS = ("paper", "lambda", "rank_reward")
+METHODS = ("paper", "lambda", "rank_reward", "pairwise_gain")
 ORACLES = ("reference", "graded")
 
 
 def plan():
-    """[(name, train.py overrides, description)] for every run."""
-    runs = []
-    for oracle in ORACLES:
-        for method in METHODS:
-            for seed in seeds.split(","):
-                runs.append((f"{method}-{oracle}-s{seed}", [f"--advantage={method}", f"--oracle={oracle}", f"--seed={seed}"],
-                             {"method": method, "variant": "default", "oracle": oracle, "seed": int(seed)}))
+    """[(name, train.py overrides, row info)] for every run, the first seed of everything first."""
+    runs, seed_list = [], seeds.split(",")
+    default_beta, *other_betas = betas.split(",")
+    for index, seed in enumerate(seed_list):
+        for beta in [default_beta] + other_betas:
+            for oracle in ORACLES:
+                for method in METHODS:
+                    if method == "paper" and beta != default_beta:
+                        continue
+                    variant = "default" if beta == default_beta else f"beta={beta}"
+                    tag = "" if beta == default_beta else f"-beta{beta}"
+                    runs.append((f"{method}-{oracle}{tag}-s{seed}",
+                                 [f"--advantage={method}", f"--oracle={oracle}", f"--beta={beta}", f"--seed={seed}"],
+                                 {"method": method, "variant": variant, "oracle": oracle, "seed": int(seed)}))
+        if index == 0 and learning_rates:
+            for method in METHODS[1:]:
+                for lr in learning_rates.split(","):
+                    runs.append((f"{method}-reference-lr{lr}-s{seed}",
+                                 [f"--advantage={method}", f"--learning_rate={lr}", f"--seed={seed}"],
+                                 {"method": method, "variant": f"lr={lr}", "oracle": "reference", "seed": int(seed)}))
     if variants:
-        seed = seeds.split(",")[0]
+        seed = seed_list[0]
         for dcg_kind in ("eq10", "eq11", "table3"):
             for bound in ("symmetric", "literal"):
                 for ratio_policy in ("rollout", "reference"):
                     if (dcg_kind, bound, ratio_policy) == ("eq10", "symmetric", "rollout"):
-                        continue   # that is the main paper run
+                        continue   # that is the default paper run
                     variant = f"{dcg_kind}/{bound}/{ratio_policy}"
                     runs.append((f"paper-{dcg_kind}-{bound}-{ratio_policy}-s{seed}",
                                  ["--advantage=paper", f"--dcg_kind={dcg_kind}", f"--bound={bound}",
@@ -70,18 +92,48 @@ def plan():
     return runs
 
 
-def run(script, args):
-    command = [sys.executable, script, *args, f"--num_threads={num_threads}"]
-    print(" ".join(command), flush=True)
-    subprocess.run(command, check=True, stdout=subprocess.DEVNULL)
+def command(script, args, threads):
+    return [sys.executable, script, *args, f"--num_threads={threads}"]
 
 
 def ensure_sft():
     """One warm start for every run, trained exactly as the default main job trains it."""
     sft_dir = os.path.join(out_dir, "sft")
     if not os.path.exists(os.path.join(sft_dir, "config.json")):
-        run("sft.py", [f"--out_dir={sft_dir}", f"--seed={sft_seed}", f"--steps={sft_steps}"])
+        subprocess.run(command("sft.py", [f"--out_dir={sft_dir}", f"--seed={sft_seed}", f"--steps={sft_steps}"],
+                               sft_threads), check=True, stdout=subprocess.DEVNULL)
     return sft_dir
+
+
+def run_all(runs, sft):
+    """Every unfinished run, `parallel` at a time; a run's output goes to its train.log. A failed run is
+    named with its log and the others go on. -> names of the failed runs."""
+    waiting = [(name, args) for name, args, _ in runs
+               if not os.path.exists(os.path.join(out_dir, "runs", name, "results.json"))]
+    running, failed, done = {}, [], 0
+    print(f"{len(runs) - len(waiting)} of {len(runs)} runs already finished; {len(waiting)} to go, {parallel} at a time")
+    while waiting or running:
+        while waiting and len(running) < parallel:
+            name, args = waiting.pop(0)
+            run_dir = os.path.join(out_dir, "runs", name)
+            os.makedirs(run_dir, exist_ok=True)
+            log = open(os.path.join(run_dir, "train.log"), "w")
+            argv = command("train.py", [f"--out_dir={run_dir}", f"--sft_checkpoint={sft}", f"--max_steps={max_steps}",
+                                        f"--epochs={epochs}", f"--eval_every={eval_every}",
+                                        f"--save_every={max_steps}", *args], num_threads)
+            running[name] = (subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT), log, time.time())
+        time.sleep(1)
+        for name, (process, log, start) in list(running.items()):
+            if process.poll() is None:
+                continue
+            log.close()
+            del running[name]
+            done += 1
+            if process.returncode != 0:
+                failed.append(name)
+            status = "ok" if process.returncode == 0 else f"FAILED (exit {process.returncode}; see {log.name})"
+            print(f"[{done}/{done + len(running) + len(waiting)}] {name}: {status}, {time.time() - start:.0f} s", flush=True)
+    return failed
 
 
 def read_jsonl(path):
@@ -214,6 +266,62 @@ def bandit(method="lambda", dcg_kind="eq10", bound="symmetric", steps=300, num_a
     return start, expected()
 
 
+def length_bandit(method="pairwise_gain", oracle="reference", steps=300, num_prompts=16, num_answers=6,
+                  num_fillers=20, max_len=8, group_size=8, batch=16, lr=0.05, stop_logit=4.0, seed=0,
+                  **advantage_options):
+    """A bandit with answer LENGTH, the video run's length collapse in seconds. A response is one answer
+    word (per-prompt logits), then at every position the stop token or one of `num_fillers` filler words
+    (logits shared by all prompts, shifted per answer word: one "stop after the answer" habit, as a small
+    LM has), cut at `max_len` tokens. The Oracle scores as oracle.py's reference Oracle: the right word
+    alone 2, followed by n fillers token F1 2/(n+2) (partial credit), else 0; "graded" gives a wrong word
+    1/(1+distance) as for a count. beta 0, mu 2. Returns (p_stop at start, p_stop at end, truncated
+    fraction of the last 20 steps): p_stop is the mean probability of stopping right after the word."""
+    gen = torch.Generator().manual_seed(seed)
+    answer = torch.randint(num_answers, (num_prompts,), generator=gen)
+    word_logits = 0.5 * torch.randn(num_prompts, num_answers, generator=gen)
+    word_logits[torch.arange(num_prompts), answer] += 1.2                  # a weak warm start
+    word_logits.requires_grad_()
+    next_logits = torch.zeros(num_fillers + 1)                             # index 0: the stop token
+    next_logits[0] = stop_logit
+    next_logits.requires_grad_()
+    habit = torch.zeros(num_answers, num_fillers + 1, requires_grad=True)
+    optimizer = torch.optim.Adam([word_logits, next_logits, habit], lr=lr)
+    p_stop = lambda: torch.softmax(next_logits.detach() + habit.detach(), -1)[:, 0].mean().item()
+    start, truncated_history = p_stop(), []
+
+    def token_logp(prompts, tokens, mask):                                  # (N,), (N, L), (N, L) -> (N, L)
+        first = torch.log_softmax(word_logits[prompts], -1).gather(1, tokens[:, :1])
+        rest = torch.log_softmax(next_logits + habit[tokens[:, 0]], -1).gather(1, tokens[:, 1:])
+        return torch.cat([first, rest], 1) * mask
+
+    for _ in range(steps):
+        prompts = torch.randint(num_prompts, (batch,), generator=gen).repeat_interleave(group_size)
+        with torch.no_grad():
+            word = torch.multinomial(torch.softmax(word_logits[prompts], -1), 1, generator=gen)
+            after = torch.multinomial(torch.softmax(next_logits + habit[word[:, 0]], -1), max_len - 1,
+                                      replacement=True, generator=gen)
+            stopped = after == 0
+            fillers = torch.where(stopped.any(1), stopped.float().argmax(1), torch.tensor(max_len - 1))
+            mask = torch.cat([torch.ones(len(prompts), 1),
+                              (torch.arange(max_len - 1) <= fillers[:, None]).float()], 1)
+            right = word[:, 0] == answer[prompts]
+            score = torch.where(right, 2.0 / (fillers + 2.0), torch.zeros(()))
+            if oracle == "graded":
+                distance = (word[:, 0] - answer[prompts]).abs()
+                score = torch.where(right, score, 1.0 / (1.0 + distance))
+            tokens = torch.cat([word, after], 1)
+            old_logp = token_logp(prompts, tokens, mask)
+            advantages = rank_advantages(ranks_from_scores(score.view(batch, group_size)),
+                                         old_logp.sum(1).view(batch, group_size), method, **advantage_options)
+        for _ in range(2):
+            loss, _ = grpo_rank_loss(token_logp(prompts, tokens, mask), old_logp, None, advantages.view(-1), mask, beta=0.0)
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+        truncated_history.append((~stopped.any(1)).float().mean().item())
+    return start, p_stop(), statistics.mean(truncated_history[-20:])
+
+
 def bandit_table(seeds_=range(5)):
     print(f"bandit: 10 answers, G=5, 8 groups/step, 300 Adam steps, {len(seeds_)} seeds; "
           "expected quality / best (1.0 = always the best answer)")
@@ -274,17 +382,9 @@ def main(argv):
     if study == "plot":
         return plot_run(plot_dir)
     os.makedirs(os.path.join(out_dir, "runs"), exist_ok=True)
-    runs = plan()
+    runs, failed = plan(), []
     if not report:
-        sft = ensure_sft()
-        for name, args, _ in runs:
-            run_dir = os.path.join(out_dir, "runs", name)
-            if os.path.exists(os.path.join(run_dir, "results.json")):
-                continue
-            start = time.time()
-            run("train.py", [f"--out_dir={run_dir}", f"--sft_checkpoint={sft}", f"--max_steps={max_steps}",
-                       f"--eval_every={eval_every}", f"--save_every={max_steps}", *args])
-            print(f"{name}: {time.time() - start:.0f} s", flush=True)
+        failed = run_all(runs, ensure_sft())
     rows = collect(runs)
     with open(os.path.join(out_dir, "ablation.json"), "w") as f:
         json.dump([{k: v for k, v in r.items() if k not in ("curve", "oracle_rank", "sample_accuracy")} | {"curve": r["curve"]}
@@ -298,6 +398,8 @@ def main(argv):
         print("\nthe paper's advantage under its open variants (reference Oracle, one seed)\n")
         print(variant_table(rows))
     print(f"\n{len(rows)} of {len(runs)} runs finished; wrote {out_dir}/ablation.json and {out_dir}/curves.png")
+    if failed:
+        raise SystemExit(f"{len(failed)} run(s) failed, each with its train.log: {', '.join(failed)}")
 
 
 if __name__ == "__main__":

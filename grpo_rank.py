@@ -1,24 +1,22 @@
 """
 GRPO_rank: rank-based advantages and the clipped GRPO loss (Oracle-RLAIF, Sec. 4). An Oracle ranks
 the G responses the policy sampled for one prompt; this file turns those ranks into advantages and
-the advantages into a loss. Pure torch, no project imports: copy it.
-
-Ranks are integer tensors, 0 = best, shape (B, G) for B prompts with G responses each; ties share
-the best rank of their tie group (competition ranking: scores 9, 7, 7, 3 give ranks 0, 1, 1, 3).
+the advantages into a loss. Pure torch, no project imports: copy it. Ranks are integer tensors, 0 =
+best, (B, G) for B prompts of G responses; ties share their best rank (scores 9, 7, 7, 3: 0, 1, 1, 3).
 The paper is inconsistent in places; every choice is a keyword:
   dcg_kind  "eq10" 1/log2(2+r) (Eq. 10, default) | "eq11" 1/((1+r) log2(2+r)) (Eq. 11)
             | "table3" log2(2+r)/(1+r) (the only one matching Table 3)
   bound     "symmetric" min/max of the two DCGs, delta in [0, 1) as the paper states (default)
             | "literal" DCG(pred)/DCG(true) as printed in Eq. 9 (can exceed 1)
-  method    "lambda" LambdaRank-style pairwise advantage (default) | "paper" Eq. 7-8 as printed,
-            on Eq. 9's penalty under `bound` | "rank_reward" GRPO (Eq. 5) on (G-1-rank)/(G-1)
-The paper's advantage rewards the policy's own ranking *agreeing* with the Oracle's, not quality:
-`python experiments.py --study=bandit` shows it fail where "lambda" and "rank_reward" learn.
+  method    "paper" Eq. 7-8 as printed, on Eq. 9's penalty under `bound` | "lambda" LambdaRank-style
+            | "rank_reward" GRPO (Eq. 5) on (G-1-rank)/(G-1) | "pairwise_gain" (rank_advantages)
+The paper's advantage rewards the policy's ranking *agreeing* with the Oracle's, not quality: it fails
+where the others learn (`python experiments.py --study=bandit`; README, Results).
 """
 import torch
 
 DCG_KINDS, BOUNDS, LOSS_TYPES = ("eq10", "eq11", "table3"), ("symmetric", "literal"), ("grpo", "bnpo", "dr_grpo", "dapo")
-METHODS = ("lambda", "paper", "rank_reward")
+METHODS, SCALES = ("lambda", "paper", "rank_reward", "pairwise_gain"), ("group", "batch", "none")
 
 
 def _check_choice(name, value, choices):
@@ -38,7 +36,7 @@ def dcg(rank, kind="eq10"):
     """Discounted gain of a rank. rank: integer tensor, any shape -> float tensor, same shape."""
     _check_choice("dcg_kind", kind, DCG_KINDS)
     r = rank.to(torch.get_default_dtype())
-    log_term = torch.log2(2.0 + r)
+    log_term = torch.log2(2.0 + r)                 # the discount of rank r (0 = best) in all three
     if kind == "eq10":
         return 1.0 / log_term                      # Eq. 10
     if kind == "eq11":
@@ -58,31 +56,25 @@ def ndcg_penalty(policy_rank, oracle_rank, dcg_kind="eq10", bound="symmetric"):
     """delta_i = 1 - nDCG_i (Eq. 9). policy_rank, oracle_rank: (B, G) long -> delta (B, G) float."""
     _check_choice("bound", bound, BOUNDS)
     if policy_rank.shape != oracle_rank.shape or policy_rank.dim() != 2:
-        raise ValueError(f"policy_rank {tuple(policy_rank.shape)} and oracle_rank "
-                         f"{tuple(oracle_rank.shape)} must both have shape (B, G)")
-    _check_ranks("policy_rank", policy_rank, oracle_rank.shape[1])
-    _check_ranks("oracle_rank", oracle_rank, oracle_rank.shape[1])
+        raise ValueError(f"policy_rank {tuple(policy_rank.shape)}, oracle_rank {tuple(oracle_rank.shape)}: need (B, G) both")
+    for name, rank in (("policy_rank", policy_rank), ("oracle_rank", oracle_rank)):
+        _check_ranks(name, rank, oracle_rank.shape[1])
     dcg_pred, dcg_true = dcg(policy_rank, dcg_kind), dcg(oracle_rank, dcg_kind)
     if bound == "literal":
         return 1.0 - dcg_pred / dcg_true           # Eq. 9 as printed: > 1 when the policy ranks i higher
     return 1.0 - torch.minimum(dcg_pred, dcg_true) / torch.maximum(dcg_pred, dcg_true)
 
 
-def group_ndcg(policy_rank, oracle_rank, dcg_kind="eq10"):
-    """nDCG of the policy's ordering of a group (1: as the Oracle orders it): (B, G), (B, G) -> (B,)."""
-    gain = dcg(oracle_rank, dcg_kind)
-    return (gain * dcg(policy_rank, dcg_kind)).sum(-1) / (gain * gain).sum(-1)
-
-
-def rank_advantages(oracle_rank, seq_logp, method="lambda", dcg_kind="eq10", bound="symmetric"):
-    """Advantages from Oracle ranks. oracle_rank: (B, G) long; seq_logp: (B, G) float, l_i of
-    Algorithm 1 line 8 -> advantages (B, G) float, no gradient, zero-sum per group.
-    Ranks with ties are read as competition ranks (dense ranks 0, 0, 1 become 0, 0, 2)."""
-    for name, value, choices in (("method", method, METHODS), ("dcg_kind", dcg_kind, DCG_KINDS), ("bound", bound, BOUNDS)):
+def rank_advantages(oracle_rank, seq_logp, method="lambda", dcg_kind="eq10", bound="symmetric", scale_rewards="group"):
+    """Advantages from Oracle ranks. oracle_rank: (B, G) long; seq_logp: (B, G) float, l_i of Algorithm 1
+    line 8 -> advantages (B, G) float, no gradient, zero-sum per group. Ranks with ties are read as
+    competition ranks (dense 0, 0, 1 -> 0, 0, 2). scale_rewards (TRL's): rank_reward and pairwise_gain
+    are divided by the std + 1e-4 of their group ("group"), of the batch ("batch"), or not ("none")."""
+    for name, value, choices in (("method", method, METHODS), ("dcg_kind", dcg_kind, DCG_KINDS), ("bound", bound, BOUNDS),
+                                 ("scale_rewards", scale_rewards, SCALES)):
         _check_choice(name, value, choices)
     if oracle_rank.dim() != 2 or seq_logp.shape != oracle_rank.shape:
-        raise ValueError(f"oracle_rank {tuple(oracle_rank.shape)} and seq_logp "
-                         f"{tuple(seq_logp.shape)} must both have shape (B, G)")
+        raise ValueError(f"oracle_rank {tuple(oracle_rank.shape)}, seq_logp {tuple(seq_logp.shape)}: need (B, G) both")
     group_size = oracle_rank.shape[1]
     _check_ranks("oracle_rank", oracle_rank, group_size)
     oracle_rank = ranks_from_scores(-oracle_rank.to(torch.get_default_dtype()))   # dense -> competition
@@ -90,36 +82,43 @@ def rank_advantages(oracle_rank, seq_logp, method="lambda", dcg_kind="eq10", bou
     if not torch.isfinite(seq_logp).all():
         raise ValueError("seq_logp must be finite, got NaN or inf")
     policy_rank = ranks_from_scores(seq_logp)      # Algorithm 1 line 9
+    gain, discount = dcg(oracle_rank, dcg_kind), dcg(policy_rank, dcg_kind)
+    prefers = (oracle_rank.unsqueeze(2) < oracle_rank.unsqueeze(1)).to(gain.dtype)    # [b,i,j]: i above j
 
     if method == "paper":   # with G = 2 and the symmetric bound both deltas are equal, so A = 0
         delta = ndcg_penalty(policy_rank, oracle_rank, dcg_kind, bound)   # Eq. 9
         return delta.mean(-1, keepdim=True) - delta                       # Eq. 7-8
-
-    if method == "rank_reward":   # Eq. 5: (r - mean) / std per group; 0 where the group is all tied
-        reward = (group_size - 1 - oracle_rank).to(seq_logp.dtype) / max(group_size - 1, 1)
-        centred, std = reward - reward.mean(-1, keepdim=True), reward.std(-1, keepdim=True).nan_to_num(0.0)
-        return torch.where(std > 0, centred / std.clamp(min=1e-8), torch.zeros_like(centred))
-
-    # lambda: for every pair (i, j) the Oracle orders i above j, push i up and j down by
-    # lambda_ij = |Delta nDCG_ij| * sigmoid(l_j - l_i); |Delta nDCG_ij| is the change of the group's
-    # nDCG if the policy swapped i and j (gains DCG(oracle rank), discounts DCG(policy rank), Eq. 9-10),
-    # so mistakes near the top weigh most; the sigmoid is ~1 for a mis-ordered pair (false promotion),
-    # 1/2 for a tie, and fades as the pair becomes well ordered. Unnormalised: |A| ~ 0.03-0.2.
-    gain, discount = dcg(oracle_rank, dcg_kind), dcg(policy_rank, dcg_kind)
-    ideal = (gain * gain).sum(-1, keepdim=True).unsqueeze(-1)                     # (B, 1, 1)
-    swap = ((gain.unsqueeze(2) - gain.unsqueeze(1)) *
-            (discount.unsqueeze(2) - discount.unsqueeze(1))).abs() / ideal        # (B, G, G)
-    prefers = (oracle_rank.unsqueeze(2) < oracle_rank.unsqueeze(1)).to(swap.dtype)  # [b,i,j]: i above j
-    lambdas = swap * torch.sigmoid(seq_logp.unsqueeze(1) - seq_logp.unsqueeze(2)) * prefers
-    return lambdas.sum(2) - lambdas.sum(1)         # pushes received as winner minus as loser
+    if method == "lambda":
+        # every pair (i, j) the Oracle orders i above j pushes i up and j down by |Delta nDCG_ij| *
+        # sigmoid(l_j - l_i): the nDCG change if the policy swapped them (gains DCG(oracle rank), discounts
+        # DCG(policy rank), Eq. 9-10) times ~1 for a mis-ordered pair, 1/2 for a tie, fading as the pair is
+        # ordered. Unnormalised. Collapses at beta = 0: an unlikely (long) response is barely pushed down.
+        swap = ((gain.unsqueeze(2) - gain.unsqueeze(1)) * (discount.unsqueeze(2) - discount.unsqueeze(1))).abs()
+        lambdas = swap / (gain * gain).sum(-1)[:, None, None] * torch.sigmoid(seq_logp[:, None] - seq_logp[:, :, None])
+        return (lambdas * prefers).sum(2) - (lambdas * prefers).sum(1)
+    if method == "rank_reward":   # Eq. 5 on the reward (G-1-rank)/(G-1)
+        reward = (group_size - 1 - oracle_rank).to(gain.dtype) / max(group_size - 1, 1)
+        advantages = reward - reward.mean(-1, keepdim=True)
+    else:
+        # pairwise_gain: every pair the Oracle orders i above j pushes i up and j down by
+        # (g_i - g_j) * (1 + [d_j - d_i]_+), g = DCG(oracle rank), d = DCG(policy rank). The first factor
+        # alone is GRPO on the DCG gain (top positions matter most) and does not depend on the policy,
+        # so no response escapes its push by becoming unlikely; the second adds the nDCG the policy
+        # loses by ranking the worse response above the better (false promotion), most at the top.
+        regret = (discount.unsqueeze(1) - discount.unsqueeze(2)).clamp(min=0)       # [b,i,j]: d_j - d_i
+        lambdas = (gain.unsqueeze(2) - gain.unsqueeze(1)) * (1.0 + regret) * prefers
+        reward = advantages = lambdas.sum(2) - lambdas.sum(1)
+    if scale_rewards == "none":
+        return advantages
+    std = reward.std(-1, keepdim=True) if scale_rewards == "group" else reward.std()
+    return advantages / (std.nan_to_num(0.0) + 1e-4)        # TRL's scale: an all-tied group stays 0
 
 
 def masked_mean(values, mask, loss_type="grpo", max_completion_length=None, num_items=None):
-    """values, mask: (N, L) -> scalar, normalised as TRL's loss_type: "grpo" mean over each sequence's
-    tokens, then over the sequences (Eq. 6's 1/|o_i| and 1/G; a row with no tokens, e.g. a masked
-    truncated completion, drops out here, where TRL counts it as 0); "bnpo" mean over all tokens;
-    "dr_grpo" sum / (N * max_completion_length); "dapo" sum / num_items (the whole batch's tokens over
-    all processes, divided by their number; default: this batch's tokens, i.e. "bnpo")."""
+    """values, mask: (N, L) -> scalar, normalised as TRL's loss_type: "grpo" mean over each sequence's tokens,
+    then over the sequences (Eq. 6's 1/|o_i| and 1/G; a row with no tokens, e.g. a masked truncated completion,
+    drops out here, where TRL counts it as 0); "bnpo" mean over all tokens; "dr_grpo" sum / (N * max_completion_
+    length); "dapo" sum / num_items (the tokens of all processes / their number; default: this batch's)."""
     _check_choice("loss_type", loss_type, LOSS_TYPES)
     mask = mask.to(values.dtype)
     total = values * mask
@@ -134,12 +133,11 @@ def masked_mean(values, mask, loss_type="grpo", max_completion_length=None, num_
 def grpo_rank_loss(logp, old_logp, ref_logp, advantages, mask, epsilon=0.2, epsilon_high=None, beta=0.04,
                    entropy=None, entropy_coef=0.0, loss_type="grpo", max_completion_length=None, num_items=None,
                    use_bias_correction_kl=False):
-    """The negative GRPO_rank objective (Eq. 6) and detached stats.
-    logp: (N, L) token log-probs under the policy being trained (with grad); old_logp: (N, L) under the
-    policy the ratio is taken against (Eq. 4); ref_logp: (N, L) under the reference policy of the KL
-    term (None allowed when beta = 0); advantages: (N,); mask: (N, L), 1 on completion tokens;
-    entropy: (N, L) per-token entropy (with grad) for the bonus, or None; loss_type etc.: masked_mean;
-    use_bias_correction_kl: the KL term times the ratio, as TRL's default. -> (loss, stats dict)."""
+    """The negative GRPO_rank objective (Eq. 6) and detached stats. logp: (N, L) token log-probs under the
+    policy being trained (with grad); old_logp: (N, L) under the policy the ratio is taken against (Eq. 4);
+    ref_logp: (N, L) under the reference policy of the KL term (None when beta = 0); advantages: (N,); mask:
+    (N, L), 1 on completion tokens; entropy: (N, L) per-token entropy (with grad) for the bonus, or None;
+    loss_type etc.: masked_mean; use_bias_correction_kl: the KL term times the ratio (TRL's default)."""
     epsilon_high = epsilon if epsilon_high is None else epsilon_high
     if logp.dim() != 2:
         raise ValueError(f"logp must have shape (N, L), got {tuple(logp.shape)}")
@@ -151,10 +149,8 @@ def grpo_rank_loss(logp, old_logp, ref_logp, advantages, mask, epsilon=0.2, epsi
     if ref_logp is None and beta != 0:
         raise ValueError("ref_logp is required when beta != 0")
 
-    ratio = torch.exp(logp - old_logp.detach())                                   # Eq. 4
-    adv = advantages.detach().unsqueeze(-1)
-    clipped_ratio = torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high)
-    objective = torch.minimum(ratio * adv, clipped_ratio * adv)                     # Eq. 6, clipped surrogate
+    ratio, adv = torch.exp(logp - old_logp.detach()), advantages.detach().unsqueeze(-1)          # Eq. 4
+    objective = torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high) * adv)  # Eq. 6, clip
     kl = torch.zeros_like(logp)
     if ref_logp is not None:
         log_ref_ratio = ref_logp.detach() - logp

@@ -5,7 +5,8 @@ import pytest
 import torch
 
 from experiments import bandit
-from grpo_rank import (BOUNDS, DCG_KINDS, METHODS, dcg, group_ndcg, grpo_rank_loss, masked_mean, ndcg_penalty,
+from train_step import group_ndcg
+from grpo_rank import (BOUNDS, DCG_KINDS, METHODS, dcg, grpo_rank_loss, masked_mean, ndcg_penalty,
                        rank_advantages, ranks_from_scores)
 
 VARIANTS = [(m, k, b) for m in METHODS for k in DCG_KINDS for b in BOUNDS]
@@ -151,9 +152,37 @@ def test_lambda_pushes_a_good_answer_the_policy_ranks_low():
 
 def test_rank_reward_is_normalised():
     advantages = rank_advantages(long(0, 1, 2, 3, 4), torch.zeros(1, 5), method="rank_reward")
+    reward_std = torch.tensor([1.0, 0.75, 0.5, 0.25, 0.0]).std().item()          # (G-1-rank)/(G-1), unbiased
     assert advantages.mean().item() == pytest.approx(0.0, abs=1e-6)
-    assert advantages.std().item() == pytest.approx(1.0, abs=1e-5)
+    assert advantages.std().item() == pytest.approx(reward_std / (reward_std + 1e-4), abs=1e-6)   # TRL's scale
     assert advantages[0].argsort(descending=True).tolist() == [0, 1, 2, 3, 4]
+
+
+@pytest.mark.parametrize("method", ["rank_reward", "pairwise_gain"])
+def test_scale_rewards_group_batch_none(method):
+    oracle_rank, seq_logp = torch.tensor([[0, 1, 2, 3], [0, 0, 0, 3]]), torch.randn(2, 4)
+    raw = rank_advantages(oracle_rank, seq_logp, method, scale_rewards="none")
+    group = rank_advantages(oracle_rank, seq_logp, method, scale_rewards="group")
+    batch = rank_advantages(oracle_rank, seq_logp, method, scale_rewards="batch")
+    assert torch.allclose(raw.sum(-1), torch.zeros(2), atol=1e-6)                    # zero-sum per group
+    ratio = group / raw
+    assert torch.allclose(ratio, ratio[:, :1].expand_as(ratio), rtol=1e-5)          # one scale per group
+    assert not torch.allclose(ratio[0, 0], ratio[1, 0])                              # ... differing by group
+    assert torch.allclose(batch / raw, (batch / raw)[0, 0].expand(2, 4), rtol=1e-5)  # one scale for the batch
+
+
+def test_pairwise_gain_survives_unlikely_responses_and_penalises_false_promotion():
+    # the base push does not depend on the policy: a worse response cannot escape it by becoming unlikely
+    oracle_rank = long(0, 1, 1, 1)
+    likely = rank_advantages(oracle_rank, torch.tensor([[-1.0, -2.0, -2.5, -3.0]]), "pairwise_gain", scale_rewards="none")
+    unlikely = rank_advantages(oracle_rank, torch.tensor([[-1.0, -2.0, -2.5, -60.0]]), "pairwise_gain", scale_rewards="none")
+    assert unlikely[0, 3] < 0 and unlikely[0, 3] == pytest.approx(likely[0, 3].item())
+    lam = rank_advantages(oracle_rank, torch.tensor([[-1.0, -2.0, -2.5, -60.0]]), "lambda")
+    assert abs(lam[0, 3]) < 1e-3 * abs(lam[0, 0])                                 # lambda barely pushes it down
+    # a worse response the policy ranks above the best one takes a larger push down than when ranked below
+    promoted = rank_advantages(long(0, 1, 2), torch.tensor([[-2.0, -1.0, -3.0]]), "pairwise_gain", scale_rewards="none")
+    ordered = rank_advantages(long(0, 1, 2), torch.tensor([[-1.0, -2.0, -3.0]]), "pairwise_gain", scale_rewards="none")
+    assert promoted[0, 1] < ordered[0, 1] < 0 and promoted[0, 0] > ordered[0, 0] > 0
 
 
 def test_group_ndcg_is_one_when_orders_agree():
@@ -278,7 +307,7 @@ def test_errors_name_the_argument():
         rank_advantages(long(-1, 1, 2), ok_logp)
     with pytest.raises(ValueError, match="oracle_rank.*integer"):
         rank_advantages(ok_rank.float(), ok_logp)
-    with pytest.raises(ValueError, match="seq_logp.*shape"):
+    with pytest.raises(ValueError, match="seq_logp \\(1, 4\\): need \\(B, G\\)"):
         rank_advantages(ok_rank, torch.zeros(1, 4))
     with pytest.raises(ValueError, match="seq_logp must be finite"):
         rank_advantages(ok_rank, torch.tensor([[-1.0, float("nan"), -3.0]]))
@@ -290,7 +319,7 @@ def test_errors_name_the_argument():
         rank_advantages(ok_rank, ok_logp, dcg_kind="eq12")
     with pytest.raises(ValueError, match="bound must be one of"):
         rank_advantages(ok_rank, ok_logp, bound="loose")
-    with pytest.raises(ValueError, match="policy_rank.*oracle_rank.*shape"):
+    with pytest.raises(ValueError, match="policy_rank .*, oracle_rank .*: need \\(B, G\\)"):
         ndcg_penalty(long(0, 1), ok_rank)
     with pytest.raises(ValueError, match="policy_rank.*\\[0, 3\\)"):
         ndcg_penalty(long(0, 1, 5), ok_rank)

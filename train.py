@@ -29,7 +29,7 @@ from configurator import barrier, configure, cosine_lr, option_keys, setup_distr
 from data import TEMPLATES, load_jsonl
 from eval import evaluate
 from tables import format_comparison
-from grpo_rank import BOUNDS, DCG_KINDS, LOSS_TYPES, METHODS
+from grpo_rank import BOUNDS, DCG_KINDS, LOSS_TYPES, METHODS, SCALES
 from model import ModelConfig, VideoLM
 from oracle import ORACLE_NAMES, make_oracle
 from sft import train_sft
@@ -81,6 +81,7 @@ lora_target_modules = "q_proj,k_proj,v_proj,o_proj"
 advantage = "lambda"         # "lambda" | "paper" (Eq. 7-8 as printed) | "rank_reward"
 dcg_kind = "eq10"            # "eq10" | "eq11" | "table3"
 bound = "symmetric"          # "symmetric" | "literal" (Eq. 9 as printed)
+scale_rewards = "group"      # rank_reward / pairwise_gain over the std of: "group" | "batch" (this process's) | "none"
 ratio_policy = "rollout"     # "rollout": standard GRPO; "reference": Eq. 4/6 read literally (pi_old = pi_ref)
 num_generations = 8          # G (the paper: 5)
 epsilon = 0.2
@@ -137,7 +138,7 @@ RANGES = {"save_every": (1, None), "eval_every": (0, None), "eval_size": (0, Non
 def check_options():
     """Every option's value, at start (before any data or model work), the message naming the option."""
     for name, value, choices in [("advantage", advantage, METHODS), ("dcg_kind", dcg_kind, DCG_KINDS),
-                                 ("bound", bound, BOUNDS), ("ratio_policy", ratio_policy, ("rollout", "reference")),
+                                 ("bound", bound, BOUNDS), ("scale_rewards", scale_rewards, SCALES), ("ratio_policy", ratio_policy, ("rollout", "reference")),
                                  ("loss_type", loss_type, LOSS_TYPES), ("loss_agg", loss_agg, ("", "sequence", "token")),
                                  ("oracle", oracle, ORACLE_NAMES), ("template", template, TEMPLATES),
                                  ("vision_post_layernorm", vision_post_layernorm, ("auto", "true", "false")),
@@ -345,6 +346,9 @@ def main(argv):
     if steps_per_epoch == 0:
         raise SystemExit(f"{len(train_samples)} training samples are fewer than one global batch ({global_batch})")
     total_steps = min(max_steps, epochs * steps_per_epoch)
+    if master and total_steps < max_steps:
+        print(f"running {total_steps} steps, not max_steps={max_steps}: epochs={epochs} x {steps_per_epoch} steps "
+              f"per epoch; raise --epochs for more")
     timings["data"] = time.time() - start
 
     tick = time.time()

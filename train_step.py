@@ -23,7 +23,7 @@ import torch
 from answers import extract_choice, normalize_answer
 from configurator import all_finished, rank_and_world, reduce_sum
 from data import read_videos
-from grpo_rank import group_ndcg, grpo_rank_loss, rank_advantages, ranks_from_scores
+from grpo_rank import dcg, grpo_rank_loss, rank_advantages, ranks_from_scores
 from oracle import OracleError, rank_many
 from rollout import completion_logprobs, rollout
 
@@ -39,6 +39,7 @@ class StepConfig:
     advantage: str                    # grpo_rank.METHODS
     dcg_kind: str
     bound: str
+    scale_rewards: str                # grpo_rank.SCALES
     ratio_policy: str                 # "rollout" | "reference": which policy Eq. 4's pi_old is
     beta: float                       # KL weight (k3)
     epsilon: float
@@ -98,6 +99,12 @@ def sample_correct(sample, response):
     if sample.get("options"):
         return extract_choice(response, sample["options"]) == sample["answer"]
     return normalize_answer(response) == normalize_answer(sample["answer"])
+
+
+def group_ndcg(policy_rank, oracle_rank, dcg_kind="eq10"):
+    """nDCG of the policy's ordering of a group (1: as the Oracle orders it): (B, G), (B, G) -> (B,)."""
+    gain = dcg(oracle_rank, dcg_kind)
+    return (gain * dcg(policy_rank, dcg_kind)).sum(-1) / (gain * gain).sum(-1)
 
 
 def shard(policy):
@@ -178,7 +185,7 @@ def train_step(policy, optimizer, samples, oracle, config, lr, generator, step=0
         advantages = torch.zeros(len(samples), group_size)                    # failed groups keep zeros
         if valid.any():
             advantages[valid] = rank_advantages(oracle_rank[valid], batch.seq_logp[valid].cpu(), config.advantage,
-                                                config.dcg_kind, config.bound)
+                                                config.dcg_kind, config.bound, config.scale_rewards)
         advantages = advantages.to(device).view(-1)
     with phase("reference"):
         ref_logp = None
