@@ -10,6 +10,7 @@ With "options" the sample is multiple choice and "answer" is a letter.
 """
 import json
 import os
+from collections import OrderedDict
 
 import numpy as np
 import torch
@@ -176,20 +177,52 @@ def clip_pixels(frames):
     return (pixels - mean) / std
 
 
-def read_videos(samples, num_frames, fit=None):
+class ClipCache:
+    """Decoded clips, as read_videos returns them, kept in memory up to max_bytes (the least recently
+    used dropped first). An RL run passes over its prompts once per epoch; for the tiny default model,
+    decoding is a fifth of a step. A failed video is not kept: it is tried, and counted, again."""
+
+    def __init__(self, max_bytes):
+        self.max_bytes, self.size, self.clips = max_bytes, 0, OrderedDict()
+
+    def get(self, key):
+        clip = self.clips.get(key)
+        if clip is not None:
+            self.clips.move_to_end(key)
+        return clip
+
+    def put(self, key, clip):
+        nbytes = clip.numel() * clip.element_size()
+        if key in self.clips or nbytes > self.max_bytes:
+            return
+        self.clips[key], self.size = clip, self.size + nbytes
+        while self.size > self.max_bytes:
+            _, dropped = self.clips.popitem(last=False)
+            self.size -= dropped.numel() * dropped.element_size()
+
+
+def read_videos(samples, num_frames, fit=None, cache=None):
     """Decode the videos of a batch of samples; one that cannot be read does not stop the batch.
     fit: clip -> clip at the model's input size (VideoLM.fit_frames), applied to each clip as it is
-    decoded, so a batch's memory never depends on its largest source video.
+    decoded, so a batch's memory never depends on its largest source video. cache: a ClipCache (the
+    caller keeps `fit` the same for it) or None.
     -> (frames uint8 (B', T, S, S, 3) or None when none loaded, the B' samples that loaded,
     [(sample, VideoError)] for those that did not: the caller reports and counts them)."""
     videos, loaded, failures = [], [], []
     for sample in samples:
-        try:
-            video = load_video(sample["video"], num_frames)
-            videos.append(fit(video) if fit else video)
-            loaded.append(sample)
-        except VideoError as err:
-            failures.append((sample, err))
+        key = (sample["video"], num_frames)
+        video = cache.get(key) if cache is not None else None
+        if video is None:
+            try:
+                video = load_video(sample["video"], num_frames)
+            except VideoError as err:
+                failures.append((sample, err))
+                continue
+            video = fit(video) if fit else video
+            if cache is not None:
+                cache.put(key, video)
+        videos.append(video)
+        loaded.append(sample)
     return (torch.stack(videos) if videos else None), loaded, failures
 
 

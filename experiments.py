@@ -100,8 +100,9 @@ def ensure_sft():
     """One warm start for every run, trained exactly as the default main job trains it."""
     sft_dir = os.path.join(out_dir, "sft")
     if not os.path.exists(os.path.join(sft_dir, "config.json")):
-        subprocess.run(command("sft.py", [f"--out_dir={sft_dir}", f"--seed={sft_seed}", f"--steps={sft_steps}"],
-                               sft_threads), check=True, stdout=subprocess.DEVNULL)
+        with open(os.path.join(out_dir, "sft.log"), "w") as log:
+            subprocess.run(command("sft.py", [f"--out_dir={sft_dir}", f"--seed={sft_seed}", f"--steps={sft_steps}"],
+                                   sft_threads), check=True, stdout=log, stderr=subprocess.STDOUT)
     return sft_dir
 
 
@@ -161,8 +162,50 @@ def collect(runs):
                                      "after": {k: v["accuracy"] for k, v in result["after"]["by_category"].items()}},
                      "steps": steps, "seconds": result["seconds"].get("rl", 0.0), "curve": curve,
                      "oracle_rank": [(m["step"], m["mean_oracle_rank"]) for m in metrics],
-                     "sample_accuracy": [(m["step"], m["sample_accuracy"]) for m in metrics]})
+                     "sample_accuracy": [(m["step"], m["sample_accuracy"]) for m in metrics],
+                     "truncated_last50": statistics.mean(m["truncated_fraction"] for m in metrics[-50:]) if metrics else 0.0})
     return rows
+
+
+def collapsed(row):
+    """A run whose responses ran to max_new_tokens at the end (the length collapse)."""
+    return row["truncated_last50"] > 0.5
+
+
+def summary_table(rows):
+    """Mean ± std of held-out accuracy after RL (gain over the warm start), per method, Oracle and beta."""
+    columns = [(oracle, variant) for oracle in ORACLES for variant in ("default", *(f"beta={b}" for b in betas.split(",")[1:]))]
+    beta_of = lambda variant: betas.split(",")[0] if variant == "default" else variant.split("=")[1]
+    lines = ["| method | " + " | ".join(f"{oracle}, beta {beta_of(variant)}" for oracle, variant in columns) + " |",
+             "| --- |" + " --- |" * len(columns)]
+    for method in METHODS:
+        cells = []
+        for oracle, variant in columns:
+            picked = [r for r in rows if (r["method"], r["oracle"], r["variant"]) == (method, oracle, variant)]
+            if not picked:
+                cells.append("-")
+                continue
+            gains = [100 * (r["after"] - r["before"]) for r in picked]
+            cell = f"{mean_std([r['after'] for r in picked])} ({statistics.mean(gains):+.1f})"
+            broken = sum(collapsed(r) for r in picked)
+            cells.append(cell + (f", collapsed {broken}/{len(picked)}" if broken else ""))
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def lr_table(rows):
+    """Held-out accuracy after RL by learning rate (reference Oracle, first seed; 1e-3 is train.py's)."""
+    seed = int(seeds.split(",")[0])
+    rates = sorted({"1e-3", *learning_rates.split(",")}, key=float)
+    lines = ["| method | " + " | ".join(f"lr {rate}" for rate in rates) + " |", "| --- |" + " --- |" * len(rates)]
+    for method in METHODS[1:]:
+        cells = []
+        for rate in rates:
+            variant = "default" if rate == "1e-3" else f"lr={rate}"
+            picked = [r for r in rows if (r["method"], r["oracle"], r["variant"], r["seed"]) == (method, "reference", variant, seed)]
+            cells.append(f"{100 * picked[0]['after']:.1f}" if picked else "-")
+        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 def mean_std(values):
@@ -325,14 +368,22 @@ def length_bandit(method="pairwise_gain", oracle="reference", steps=300, num_pro
 def bandit_table(seeds_=range(5)):
     print(f"bandit: 10 answers, G=5, 8 groups/step, 300 Adam steps, {len(seeds_)} seeds; "
           "expected quality / best (1.0 = always the best answer)")
-    print(f"{'method':<12} {'dcg_kind':<8} {'bound':<10} {'start':>6} {'end':>6}  {'min..max over seeds':>20}")
-    variants = [("lambda", "eq10", "symmetric"), ("rank_reward", "eq10", "symmetric")]
+    print(f"{'method':<14} {'dcg_kind':<8} {'bound':<10} {'start':>6} {'end':>6}  {'min..max over seeds':>20}")
+    variants = [("pairwise_gain", "eq10", "symmetric"), ("lambda", "eq10", "symmetric"), ("rank_reward", "eq10", "symmetric")]
     variants += [("paper", kind, bound) for kind in DCG_KINDS for bound in BOUNDS]
     for method, kind, bound in variants:
         runs = [bandit(method, kind, bound, seed=seed) for seed in seeds_]
         starts, ends = [s for s, _ in runs], [e for _, e in runs]
-        print(f"{method:<12} {kind:<8} {bound:<10} {sum(starts) / len(runs):6.3f} "
+        print(f"{method:<14} {kind:<8} {bound:<10} {sum(starts) / len(runs):6.3f} "
               f"{sum(ends) / len(runs):6.3f}  {min(ends):9.3f} .. {max(ends):.3f}")
+    print(f"\nlength bandit: an answer word, then stop or filler words (cut at 8 tokens), beta 0, 300 steps, "
+          f"{len(seeds_)} seeds;\np(stop) after the word at start -> end, and the truncated fraction of the last 20 steps")
+    print(f"{'method':<14} {'oracle':<10} {'p(stop)':>14} {'truncated':>10}")
+    for oracle in ("reference", "graded"):
+        for method in ("pairwise_gain", "lambda", "rank_reward", "paper"):
+            runs = [length_bandit(method, oracle, seed=seed) for seed in seeds_]
+            start, end, truncated = (statistics.mean(values) for values in zip(*runs))
+            print(f"{method:<14} {oracle:<10} {start:6.2f} -> {end:4.2f} {truncated:10.2f}")
 
 
 RUN_PANELS = ["loss", "mean_abs_advantage", "sample_accuracy", "ndcg_agreement", "kl", "entropy", "clip_fraction",
@@ -391,9 +442,14 @@ def main(argv):
                    for r in rows], f, indent=1)
     if rows:
         plot(rows, os.path.join(out_dir, "curves.png"))
+    print(f"\nheld-out exact match (%) after {max_steps} RL steps, mean ± std over seeds (gain over the warm start)\n")
+    print(summary_table(rows))
     for oracle in ORACLES:
-        print(f"\nheld-out exact match (%), {oracle} Oracle, mean ± std over seeds, {max_steps} RL steps\n")
+        print(f"\nby category, {oracle} Oracle, beta {betas.split(',')[0]}, mean ± std over seeds\n")
         print(table(rows, oracle))
+    if learning_rates:
+        print(f"\nby learning rate (reference Oracle, beta {betas.split(',')[0]}, seed {seeds.split(',')[0]})\n")
+        print(lr_table(rows))
     if variants:
         print("\nthe paper's advantage under its open variants (reference Oracle, one seed)\n")
         print(variant_table(rows))

@@ -490,6 +490,25 @@ def test_each_clip_is_fitted_as_it_is_decoded_so_a_huge_video_costs_nothing_extr
     assert [s["id"] for s in loaded] == ["big", "small"] and not failures
 
 
+def test_clip_cache_serves_decoded_clips_within_its_budget_and_never_failures(tmp_path, monkeypatch):
+    paths = [write_gray_video(tmp_path / f"v{k}.mp4", num_frames=8) for k in range(3)]
+    samples = {k: {"id": str(k), "video": str(path)} for k, path in enumerate(paths)}
+    missing = {"id": "gone", "video": str(tmp_path / "missing.mp4")}
+    clip_bytes = 4 * 32 * 32 * 3
+    cache = data.ClipCache(max_bytes=2 * clip_bytes)                 # room for two clips
+    decoded = Counter()
+    real_load = data.load_video
+    monkeypatch.setattr(data, "load_video", lambda path, n: decoded.update([os.path.basename(path)]) or real_load(path, n))
+    for batch in ([0, 1], [1, 2], [0, 2]):                           # v1 is used, so v0 is the one that goes
+        rows = [samples[k] for k in batch] + [missing]
+        frames, loaded, failures = data.read_videos(rows, 4, cache=cache)
+        assert torch.equal(frames, torch.stack([real_load(samples[k]["video"], 4) for k in batch]))
+        assert [s["id"] for s in loaded] == [str(k) for k in batch]
+        assert [s["id"] for s, _ in failures] == ["gone"]              # reported each time: failures are not kept
+        assert cache.size <= 2 * clip_bytes
+    assert decoded == Counter({"v0.mp4": 2, "v1.mp4": 1, "v2.mp4": 1, "missing.mp4": 3})
+
+
 @pytest.mark.parametrize("height, width, pad", [(240, 320, False), (240, 320, True), (320, 240, True), (50, 50, False)])
 def test_fit_frames_is_clip_image_processor(height, width, pad):
     from PIL import Image

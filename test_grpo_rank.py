@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from experiments import bandit
+from experiments import bandit, length_bandit
 from train_step import group_ndcg
 from grpo_rank import (BOUNDS, DCG_KINDS, METHODS, dcg, grpo_rank_loss, masked_mean, ndcg_penalty,
                        rank_advantages, ranks_from_scores)
@@ -131,11 +131,12 @@ def test_symmetric_delta_bounded_literal_not():
         assert delta.max().item() == pytest.approx(literal.max().item())  # same where the policy ranks lower
 
 
-def test_lambda_penalises_false_promotion_most_at_the_top():
+@pytest.mark.parametrize("method", ["lambda", "pairwise_gain"])
+def test_false_promotion_is_penalised_most_at_the_top(method):
     # The Oracle prefers 0 > 1 > 2 > 3; the policy agrees, or swaps a pair at the top or the bottom.
-    agree = rank_advantages(long(0, 1, 2, 3), torch.tensor([[-1.0, -2.0, -3.0, -4.0]]))[0]
-    top = rank_advantages(long(0, 1, 2, 3), torch.tensor([[-2.0, -1.0, -3.0, -4.0]]))[0]
-    bottom = rank_advantages(long(0, 1, 2, 3), torch.tensor([[-1.0, -2.0, -4.0, -3.0]]))[0]
+    agree = rank_advantages(long(0, 1, 2, 3), torch.tensor([[-1.0, -2.0, -3.0, -4.0]]), method, scale_rewards="none")[0]
+    top = rank_advantages(long(0, 1, 2, 3), torch.tensor([[-2.0, -1.0, -3.0, -4.0]]), method, scale_rewards="none")[0]
+    bottom = rank_advantages(long(0, 1, 2, 3), torch.tensor([[-1.0, -2.0, -4.0, -3.0]]), method, scale_rewards="none")[0]
     assert top[0] > 0 > top[1]                     # the better response is pushed up, the promoted one down
     assert top[0] > agree[0] and top[1] < agree[1]
     assert bottom[2] > agree[2] and bottom[3] < agree[3]
@@ -287,7 +288,7 @@ def test_grpo_vs_bnpo_aggregation():
 # ----------------------------------------------------------------------------- the bandit
 
 def test_bandit_lambda_and_rank_reward_learn_and_report_paper(capsys):
-    for method in ("lambda", "rank_reward"):
+    for method in ("lambda", "rank_reward", "pairwise_gain"):
         for seed in range(3):
             start, end = bandit(method, seed=seed)
             assert end > 0.9 and end - start > 0.5 * (1 - start), (method, seed, start, end)
@@ -295,6 +296,16 @@ def test_bandit_lambda_and_rank_reward_learn_and_report_paper(capsys):
     with capsys.disabled():
         ends = [bandit("paper", seed=seed)[1] for seed in range(3)]
         print(f"\n[bandit] paper (eq10, symmetric) expected quality after 300 steps: {ends}")
+
+
+@pytest.mark.parametrize("oracle", ["reference", "graded"])
+def test_length_bandit_lambda_collapses_at_beta_0_and_pairwise_gain_does_not(oracle):
+    # lambda's pair weight sigmoid(l_j - l_i) spares an unlikely (long) loser, so at beta 0 the answers
+    # lengthen until every one is cut at max_len; pairwise_gain's push does not depend on the policy.
+    _, stop_lambda, truncated_lambda = length_bandit("lambda", oracle, steps=150)
+    start, stop_gain, truncated_gain = length_bandit("pairwise_gain", oracle, steps=150)
+    assert truncated_lambda > 0.9 and stop_lambda < 0.05, (truncated_lambda, stop_lambda)
+    assert truncated_gain < 0.02 and stop_gain > start, (truncated_gain, stop_gain, start)
 
 
 # ----------------------------------------------------------------------------- errors

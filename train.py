@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 import checkpoint
 from configurator import barrier, configure, cosine_lr, option_keys, setup_distributed
-from data import TEMPLATES, load_jsonl
+from data import TEMPLATES, ClipCache, load_jsonl
 from eval import evaluate
 from tables import format_comparison
 from grpo_rank import BOUNDS, DCG_KINDS, LOSS_TYPES, METHODS, SCALES
@@ -55,6 +55,7 @@ eval_data = ""
 num_train = 2000
 num_eval = 300
 max_bad_video_fraction = 0.1  # abort when more of a batch's videos fail to decode
+clip_cache_mb = 1024         # decoded clips kept in memory across epochs, per process (0: decode every time)
 # model
 vision = "tiny"              # or a CLIP vision model dir / hub id
 lm = "tiny"                  # or a causal LM dir / hub id
@@ -78,7 +79,7 @@ lora_alpha = 16
 lora_dropout = 0.0
 lora_target_modules = "q_proj,k_proj,v_proj,o_proj"
 # GRPO_rank (paper Sec. 4)
-advantage = "lambda"         # "lambda" | "paper" (Eq. 7-8 as printed) | "rank_reward"
+advantage = "lambda"         # "lambda" | "paper" (Eq. 7-8 as printed) | "rank_reward" | "pairwise_gain"
 dcg_kind = "eq10"            # "eq10" | "eq11" | "table3"
 bound = "symmetric"          # "symmetric" | "literal" (Eq. 9 as printed)
 scale_rewards = "group"      # rank_reward / pairwise_gain over the std of: "group" | "batch" (this process's) | "none"
@@ -125,8 +126,8 @@ MODEL_OPTIONS = ("vision", "lm", "lora_r", "lora_alpha", "lora_dropout", "lora_t
 # numeric options: (lowest, highest) allowed, None = unbounded; every float must also be finite
 RANGES = {"save_every": (1, None), "eval_every": (0, None), "eval_size": (0, None), "eval_batch_size": (1, None),
           "num_threads": (1, None), "stop_after_steps": (0, None), "num_train": (1, None), "num_eval": (0, None),
-          "max_bad_video_fraction": (0, 1), "num_frames": (1, None), "sft_steps": (0, None), "sft_batch_size": (1, None),
-          "sft_learning_rate": (0, None), "lora_r": (0, None), "lora_alpha": (1, None), "lora_dropout": (0, 0.99),
+          "max_bad_video_fraction": (0, 1), "clip_cache_mb": (0, None), "num_frames": (1, None),
+          "sft_steps": (0, None), "sft_batch_size": (1, None), "sft_learning_rate": (0, None), "lora_r": (0, None), "lora_alpha": (1, None), "lora_dropout": (0, 0.99),
           "num_generations": (2, None), "epsilon": (0, 1), "epsilon_high": (0, None), "beta": (0, None),
           "temperature": (0, None), "top_p": (1e-9, 1), "max_new_tokens": (1, None), "num_iterations": (1, None),
           "learning_rate": (1e-12, None), "weight_decay": (0, None), "grad_clip": (1e-12, None), "warmup_steps": (0, None),
@@ -377,6 +378,7 @@ def main(argv):
     step_config, writer = StepConfig.from_options(globals()), tensorboard(master)
     report(writer, "eval", before, step)
     tick, bad_in_a_row, steps_this_run = time.time(), 0, 0
+    clips = ClipCache(clip_cache_mb * 2**20) if clip_cache_mb else None
     bar = tqdm(total=total_steps, initial=step, desc="grpo_rank", disable=not master)
     while step < total_steps:                                             # Algorithm 1 lines 2 and 4
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
@@ -386,7 +388,7 @@ def main(argv):
         batch_index = global_batch_indices(len(train_samples), epoch, step_in_epoch, global_batch, seed)
         samples = [train_samples[i] for i in prompts_of_process(batch_index, rank, world)]
         lr = cosine_lr(step, total_steps, warmup_steps, learning_rate)
-        metrics = train_step(policy, optimizer, samples, ranker, step_config, lr, generator, step)   # lines 5-10
+        metrics = train_step(policy, optimizer, samples, ranker, step_config, lr, generator, step, clips=clips)  # l. 5-10
         skipped, samples_done = metrics.pop("nonfinite_step"), metrics.pop("samples")
         for key in COUNTERS[:3]:
             counters[key] += metrics.pop(key)

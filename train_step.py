@@ -60,11 +60,11 @@ class StepConfig:
         return cls(**{f.name: options[f.name] for f in fields(cls)})
 
 
-def load_frames(samples, policy):
-    """Decode a batch's videos, each clip brought to the policy's input size as it is decoded.
-    Returns (frames uint8 (B', T, S, S, 3), kept samples, failed samples); each failure is reported
-    with a warning naming the sample and the file."""
-    frames, kept, failures = read_videos(samples, policy.config.num_frames, policy.fit_frames)
+def load_frames(samples, policy, clips=None):
+    """Decode a batch's videos, each clip brought to the policy's input size as it is decoded (or taken
+    from `clips`, a data.ClipCache). Returns (frames uint8 (B', T, S, S, 3), kept samples, failed
+    samples); each failure is reported with a warning naming the sample and the file."""
+    frames, kept, failures = read_videos(samples, policy.config.num_frames, policy.fit_frames, clips)
     for sample, err in failures:
         warnings.warn(f"skipping sample {sample['id']}: {err}")
     return frames, kept, [sample for sample, _ in failures]
@@ -154,16 +154,17 @@ class PhaseTimer:
         setattr(obj, method, timed)
 
 
-def train_step(policy, optimizer, samples, oracle, config, lr, generator, step=0, timer=None):
+def train_step(policy, optimizer, samples, oracle, config, lr, generator, step=0, timer=None, clips=None):
     """Algorithm 1 lines 5-10 on this process's prompts. policy: VideoLM (LoRA, reference snapshot
     taken); samples: B dataset rows; config: StepConfig; lr: this step's learning rate; generator:
-    the sampling RNG; step: for messages; timer: name -> context manager timing that phase (bench).
+    the sampling RNG; step: for messages; timer: name -> context manager timing that phase (bench);
+    clips: a data.ClipCache of decoded videos, or None.
     Returns the step's metrics: means over all processes, fault counts summed over them, and
     "nonfinite_step" (the optimizer steps were skipped: a loss or gradient was not finite)."""
     phase = timer or (lambda name: contextlib.nullcontext())
     device, group_size = policy.device, config.num_generations
     with phase("data"):                                                        # line 5
-        frames, samples, failed = load_frames(samples, policy)
+        frames, samples, failed = load_frames(samples, policy, clips)
         failed_total, seen_total = reduce_sum([len(failed), len(failed) + len(samples)], device)
         if failed_total > config.max_bad_video_fraction * seen_total:
             raise RuntimeError(f"step {step}: {int(failed_total)} of {int(seen_total)} videos failed to decode "

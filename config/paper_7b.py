@@ -28,3 +28,4 @@ eval_size = 500
 eval_batch_size = 16
 save_every = 100
 num_threads = 8
+clip_cache_mb = 0            # a 50-frame 336 px clip is 17 MB: raise it if the prompts' videos fit in memory
