@@ -16,7 +16,7 @@ writes results/ablation.json, results/curves.png and README-ready tables. `paral
 `num_threads` torch threads each (a run's numbers depend on its thread count, not on what runs beside it).
 
 Runs (each is `python train.py ...` in its own process, output in results/runs/<name>/):
-  default:  advantage paper | lambda | rank_reward | pairwise_gain  x  oracle reference | graded  x  seeds
+  default:  advantage paper | lambda | lambda_floor | rank_reward | pairwise_gain  x  oracle reference | graded  x  seeds
   beta=0:   the same without the KL term (paper excepted: it does not learn with it)
   lr=...:   each method but paper at the other learning rates (reference Oracle, first seed)
   variants: advantage=paper with dcg_kind eq10 | eq11 | table3, bound symmetric | literal,
@@ -52,7 +52,7 @@ report = False             # only collect, plot and print
 num_threads = 1
 parallel = 2               # runs at a time
 # -----------------------------------------------------------------------------
-METHODS = ("paper", "lambda", "rank_reward", "pairwise_gain")
+METHODS = ("paper", "lambda", "lambda_floor", "rank_reward", "pairwise_gain")
 ORACLES = ("reference", "graded")
 
 
@@ -369,7 +369,7 @@ def bandit_table(seeds_=range(5)):
     print(f"bandit: 10 answers, G=5, 8 groups/step, 300 Adam steps, {len(seeds_)} seeds; "
           "expected quality / best (1.0 = always the best answer)")
     print(f"{'method':<14} {'dcg_kind':<8} {'bound':<10} {'start':>6} {'end':>6}  {'min..max over seeds':>20}")
-    variants = [("pairwise_gain", "eq10", "symmetric"), ("lambda", "eq10", "symmetric"), ("rank_reward", "eq10", "symmetric")]
+    variants = [(method, "eq10", "symmetric") for method in ("lambda_floor", "lambda", "pairwise_gain", "rank_reward")]
     variants += [("paper", kind, bound) for kind in DCG_KINDS for bound in BOUNDS]
     for method, kind, bound in variants:
         runs = [bandit(method, kind, bound, seed=seed) for seed in seeds_]
@@ -380,7 +380,7 @@ def bandit_table(seeds_=range(5)):
           f"{len(seeds_)} seeds;\np(stop) after the word at start -> end, and the truncated fraction of the last 20 steps")
     print(f"{'method':<14} {'oracle':<10} {'p(stop)':>14} {'truncated':>10}")
     for oracle in ("reference", "graded"):
-        for method in ("pairwise_gain", "lambda", "rank_reward", "paper"):
+        for method in ("lambda_floor", "lambda", "pairwise_gain", "rank_reward", "paper"):
             runs = [length_bandit(method, oracle, seed=seed) for seed in seeds_]
             start, end, truncated = (statistics.mean(values) for values in zip(*runs))
             print(f"{method:<14} {oracle:<10} {start:6.2f} -> {end:4.2f} {truncated:10.2f}")

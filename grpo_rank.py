@@ -8,15 +8,16 @@ The paper is inconsistent in places; every choice is a keyword:
             | "table3" log2(2+r)/(1+r) (the only one matching Table 3)
   bound     "symmetric" min/max of the two DCGs, delta in [0, 1) as the paper states (default)
             | "literal" DCG(pred)/DCG(true) as printed in Eq. 9 (can exceed 1)
-  method    "paper" Eq. 7-8 as printed, on Eq. 9's penalty under `bound` | "lambda" LambdaRank-style
-            | "rank_reward" GRPO (Eq. 5) on (G-1-rank)/(G-1) | "pairwise_gain" (rank_advantages)
+  method    "paper" Eq. 7-8 as printed, on Eq. 9's penalty under `bound` | "lambda" LambdaRank-style, "lambda_floor"
+            with a floor | "rank_reward" GRPO (Eq. 5) on (G-1-rank)/(G-1) | "pairwise_gain" (rank_advantages)
 The paper's advantage rewards the policy's ranking *agreeing* with the Oracle's, not quality: it fails
 where the others learn (`python experiments.py --study=bandit`; README, Results).
 """
 import torch
 
 DCG_KINDS, BOUNDS, LOSS_TYPES = ("eq10", "eq11", "table3"), ("symmetric", "literal"), ("grpo", "bnpo", "dr_grpo", "dapo")
-METHODS, SCALES = ("lambda", "paper", "rank_reward", "pairwise_gain"), ("group", "batch", "none")
+METHODS, SCALES = ("lambda", "lambda_floor", "paper", "rank_reward", "pairwise_gain"), ("group", "batch", "none")
+FLOOR = 0.25   # lambda_floor: the push every ordered pair gets whatever the policy's log-probs, per unit of gain gap
 
 
 def _check_choice(name, value, choices):
@@ -84,27 +85,27 @@ def rank_advantages(oracle_rank, seq_logp, method="lambda", dcg_kind="eq10", bou
     policy_rank = ranks_from_scores(seq_logp)      # Algorithm 1 line 9
     gain, discount = dcg(oracle_rank, dcg_kind), dcg(policy_rank, dcg_kind)
     prefers = (oracle_rank.unsqueeze(2) < oracle_rank.unsqueeze(1)).to(gain.dtype)    # [b,i,j]: i above j
-
     if method == "paper":   # with G = 2 and the symmetric bound both deltas are equal, so A = 0
         delta = ndcg_penalty(policy_rank, oracle_rank, dcg_kind, bound)   # Eq. 9
         return delta.mean(-1, keepdim=True) - delta                       # Eq. 7-8
-    if method == "lambda":
-        # every pair (i, j) the Oracle orders i above j pushes i up and j down by |Delta nDCG_ij| *
-        # sigmoid(l_j - l_i): the nDCG change if the policy swapped them (gains DCG(oracle rank), discounts
-        # DCG(policy rank), Eq. 9-10) times ~1 for a mis-ordered pair, 1/2 for a tie, fading as the pair is
-        # ordered. Unnormalised. Collapses at beta = 0: an unlikely (long) response is barely pushed down.
+    if method in ("lambda", "lambda_floor"):
+        # each pair (i, j) the Oracle orders i above j pushes i up and j down by |Delta nDCG_ij| * sigmoid(l_j - l_i):
+        # the nDCG change if the policy swapped them (gains DCG(oracle rank), discounts DCG(policy rank), Eq. 9-10)
+        # times ~1 for a mis-ordered pair, 1/2 for a tie, fading as the pair is ordered. "lambda" collapses at beta 0:
+        # an unlikely (long) response is barely pushed down. "lambda_floor" adds FLOOR * |g_i - g_j|, escaped by none.
         swap = ((gain.unsqueeze(2) - gain.unsqueeze(1)) * (discount.unsqueeze(2) - discount.unsqueeze(1))).abs()
-        lambdas = swap / (gain * gain).sum(-1)[:, None, None] * torch.sigmoid(seq_logp[:, None] - seq_logp[:, :, None])
+        weight, norm = torch.sigmoid(seq_logp[:, None] - seq_logp[:, :, None]), (gain * gain).sum(-1)[:, None, None]
+        floor = FLOOR * (gain.unsqueeze(2) - gain.unsqueeze(1)).abs()
+        lambdas = swap / norm * weight if method == "lambda" else (floor + swap * weight) / norm
         return (lambdas * prefers).sum(2) - (lambdas * prefers).sum(1)
     if method == "rank_reward":   # Eq. 5 on the reward (G-1-rank)/(G-1)
         reward = (group_size - 1 - oracle_rank).to(gain.dtype) / max(group_size - 1, 1)
         advantages = reward - reward.mean(-1, keepdim=True)
     else:
-        # pairwise_gain: every pair the Oracle orders i above j pushes i up and j down by
-        # (g_i - g_j) * (1 + [d_j - d_i]_+), g = DCG(oracle rank), d = DCG(policy rank). The first factor
-        # alone is GRPO on the DCG gain (top positions matter most) and does not depend on the policy,
-        # so no response escapes its push by becoming unlikely; the second adds the nDCG the policy
-        # loses by ranking the worse response above the better (false promotion), most at the top.
+        # pairwise_gain: each pair the Oracle orders i above j pushes i up and j down by (g_i - g_j) * (1 + [d_j - d_i]_+),
+        # g = DCG(oracle rank), d = DCG(policy rank). The first factor alone is GRPO on the DCG gain (top positions
+        # matter most) and does not depend on the policy, so no response escapes its push by becoming unlikely; the
+        # second adds the nDCG the policy loses by ranking the worse response above the better (false promotion).
         regret = (discount.unsqueeze(1) - discount.unsqueeze(2)).clamp(min=0)       # [b,i,j]: d_j - d_i
         lambdas = (gain.unsqueeze(2) - gain.unsqueeze(1)) * (1.0 + regret) * prefers
         reward = advantages = lambdas.sum(2) - lambdas.sum(1)
@@ -148,7 +149,6 @@ def grpo_rank_loss(logp, old_logp, ref_logp, advantages, mask, epsilon=0.2, epsi
         raise ValueError(f"advantages must have shape ({logp.shape[0]},), got {tuple(advantages.shape)}")
     if ref_logp is None and beta != 0:
         raise ValueError("ref_logp is required when beta != 0")
-
     ratio, adv = torch.exp(logp - old_logp.detach()), advantages.detach().unsqueeze(-1)          # Eq. 4
     objective = torch.minimum(ratio * adv, torch.clamp(ratio, 1.0 - epsilon, 1.0 + epsilon_high) * adv)  # Eq. 6, clip
     kl = torch.zeros_like(logp)

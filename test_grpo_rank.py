@@ -6,7 +6,7 @@ import torch
 
 from experiments import bandit, length_bandit
 from train_step import group_ndcg
-from grpo_rank import (BOUNDS, DCG_KINDS, METHODS, dcg, grpo_rank_loss, masked_mean, ndcg_penalty,
+from grpo_rank import (BOUNDS, DCG_KINDS, FLOOR, METHODS, dcg, grpo_rank_loss, masked_mean, ndcg_penalty,
                        rank_advantages, ranks_from_scores)
 
 VARIANTS = [(m, k, b) for m in METHODS for k in DCG_KINDS for b in BOUNDS]
@@ -131,7 +131,7 @@ def test_symmetric_delta_bounded_literal_not():
         assert delta.max().item() == pytest.approx(literal.max().item())  # same where the policy ranks lower
 
 
-@pytest.mark.parametrize("method", ["lambda", "pairwise_gain"])
+@pytest.mark.parametrize("method", ["lambda", "lambda_floor", "pairwise_gain"])
 def test_false_promotion_is_penalised_most_at_the_top(method):
     # The Oracle prefers 0 > 1 > 2 > 3; the policy agrees, or swaps a pair at the top or the bottom.
     agree = rank_advantages(long(0, 1, 2, 3), torch.tensor([[-1.0, -2.0, -3.0, -4.0]]), method, scale_rewards="none")[0]
@@ -184,6 +184,17 @@ def test_pairwise_gain_survives_unlikely_responses_and_penalises_false_promotion
     promoted = rank_advantages(long(0, 1, 2), torch.tensor([[-2.0, -1.0, -3.0]]), "pairwise_gain", scale_rewards="none")
     ordered = rank_advantages(long(0, 1, 2), torch.tensor([[-1.0, -2.0, -3.0]]), "pairwise_gain", scale_rewards="none")
     assert promoted[0, 1] < ordered[0, 1] < 0 and promoted[0, 0] > ordered[0, 0] > 0
+
+
+def test_lambda_floor_pushes_an_unlikely_loser_down_and_is_lambda_plus_the_floor():
+    # lambda spares a worse response the policy finds unlikely (sigmoid(l_j - l_i) -> 0); the floor does not
+    oracle_rank, seq_logp = long(0, 1, 1, 1), torch.tensor([[-1.0, -2.0, -2.5, -60.0]])
+    lam, floor = rank_advantages(oracle_rank, seq_logp, "lambda"), rank_advantages(oracle_rank, seq_logp, "lambda_floor")
+    gain = 1.0 / torch.log2(2.0 + torch.tensor([0.0, 1.0, 1.0, 1.0]))           # Eq. 10 of the Oracle ranks
+    push = FLOOR * (gain[0] - gain[3]) / (gain * gain).sum()                     # the floor of pair (0, 3)
+    assert abs(lam[0, 3]) < 1e-3 * abs(lam[0, 0]) and floor[0, 3] == pytest.approx(lam[0, 3].item() - push.item())
+    assert floor[0].sum().item() == pytest.approx(0.0, abs=1e-6)                 # still zero-sum
+    assert floor[0, 0] == pytest.approx(lam[0, 0].item() + 3 * push.item())      # the best takes all three floors
 
 
 def test_group_ndcg_is_one_when_orders_agree():
@@ -288,7 +299,7 @@ def test_grpo_vs_bnpo_aggregation():
 # ----------------------------------------------------------------------------- the bandit
 
 def test_bandit_lambda_and_rank_reward_learn_and_report_paper(capsys):
-    for method in ("lambda", "rank_reward", "pairwise_gain"):
+    for method in ("lambda", "lambda_floor", "rank_reward", "pairwise_gain"):
         for seed in range(3):
             start, end = bandit(method, seed=seed)
             assert end > 0.9 and end - start > 0.5 * (1 - start), (method, seed, start, end)
@@ -299,13 +310,15 @@ def test_bandit_lambda_and_rank_reward_learn_and_report_paper(capsys):
 
 
 @pytest.mark.parametrize("oracle", ["reference", "graded"])
-def test_length_bandit_lambda_collapses_at_beta_0_and_pairwise_gain_does_not(oracle):
+@pytest.mark.parametrize("method", ["lambda_floor", "pairwise_gain"])
+def test_length_bandit_lambda_collapses_at_beta_0_and_the_floored_pushes_do_not(oracle, method):
     # lambda's pair weight sigmoid(l_j - l_i) spares an unlikely (long) loser, so at beta 0 the answers
-    # lengthen until every one is cut at max_len; pairwise_gain's push does not depend on the policy.
+    # lengthen until every one is cut at max_len; a push that does not fade with the policy's log-prob
+    # (lambda_floor's floor, pairwise_gain's gain gap) keeps them short.
     _, stop_lambda, truncated_lambda = length_bandit("lambda", oracle, steps=150)
-    start, stop_gain, truncated_gain = length_bandit("pairwise_gain", oracle, steps=150)
+    start, stop, truncated = length_bandit(method, oracle, steps=150)
     assert truncated_lambda > 0.9 and stop_lambda < 0.05, (truncated_lambda, stop_lambda)
-    assert truncated_gain < 0.02 and stop_gain > start, (truncated_gain, stop_gain, start)
+    assert truncated < 0.02 and stop > start, (truncated, stop, start)
 
 
 # ----------------------------------------------------------------------------- errors
