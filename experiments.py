@@ -285,7 +285,7 @@ def plot(rows, path):
     fig.savefig(path, dpi=90)
 
 
-def bandit(method="lambda", dcg_kind="eq10", bound="symmetric", steps=300, num_answers=10,
+def bandit(method="lambda_floor", dcg_kind="eq10", bound="symmetric", steps=300, num_answers=10,
            group_size=5, batch=8, lr=0.05, seed=0):
     """Returns (start, end): expected quality / best quality before and after training."""
     gen = torch.Generator().manual_seed(seed)
@@ -309,7 +309,7 @@ def bandit(method="lambda", dcg_kind="eq10", bound="symmetric", steps=300, num_a
     return start, expected()
 
 
-def length_bandit(method="pairwise_gain", oracle="reference", steps=300, num_prompts=16, num_answers=6,
+def length_bandit(method="lambda_floor", oracle="reference", steps=300, num_prompts=16, num_answers=6,
                   num_fillers=20, max_len=8, group_size=8, batch=16, lr=0.05, stop_logit=4.0, seed=0,
                   **advantage_options):
     """A bandit with answer LENGTH, the video run's length collapse in seconds. A response is one answer

@@ -66,7 +66,7 @@ def ndcg_penalty(policy_rank, oracle_rank, dcg_kind="eq10", bound="symmetric"):
     return 1.0 - torch.minimum(dcg_pred, dcg_true) / torch.maximum(dcg_pred, dcg_true)
 
 
-def rank_advantages(oracle_rank, seq_logp, method="lambda", dcg_kind="eq10", bound="symmetric", scale_rewards="group"):
+def rank_advantages(oracle_rank, seq_logp, method="lambda_floor", dcg_kind="eq10", bound="symmetric", scale_rewards="group"):
     """Advantages from Oracle ranks. oracle_rank: (B, G) long; seq_logp: (B, G) float, l_i of Algorithm 1
     line 8 -> advantages (B, G) float, no gradient, zero-sum per group. Ranks with ties are read as
     competition ranks (dense 0, 0, 1 -> 0, 0, 2). scale_rewards (TRL's): rank_reward and pairwise_gain

@@ -166,6 +166,27 @@ def test_one_step_changes_only_lora_and_projector(synth, sft_dir, tmp_path):
                for name, tensor in after.items())
 
 
+def test_the_default_advantage_does_not_collapse_at_beta_0(tmp_path):
+    # The length collapse of issue 16 (README, Results): without the KL term, lambda's answers run to
+    # max_new_tokens within ~20 steps from this warm start; the default advantage's must not.
+    data = make_synthetic_dataset(str(tmp_path / "synth"), num_train=256, num_eval=8)
+    torch.manual_seed(0)
+    policy = VideoLM(ModelConfig())
+    train_sft(policy, load_jsonl(data["train"]), steps=100, batch_size=16, progress=False)
+    policy.save(str(tmp_path / "sft"))
+    default = importlib.reload(train).advantage
+    assert default != "lambda"
+    truncated = {}
+    for method in (default, "lambda"):
+        out = str(tmp_path / method)
+        run_train(f"--train_data={data['train']}", f"--eval_data={data['eval']}", f"--sft_checkpoint={tmp_path / 'sft'}",
+                  f"--out_dir={out}", "--batch_size=8", "--eval_size=8", "--save_every=100", "--num_threads=1",
+                  "--beta=0", f"--advantage={method}", "--max_steps=40", "--epochs=10")
+        truncated[method] = [row["truncated_fraction"] for row in read_metrics(out)]
+    assert max(truncated[default]) < 0.2 and sum(truncated[default][-10:]) / 10 < 0.05, truncated[default]
+    assert sum(truncated["lambda"][-10:]) / 10 > 0.5, truncated["lambda"]   # the test sees a collapse
+
+
 def test_main_job_writes_results_metrics_and_checkpoint(synth, sft_dir, tmp_path):
     out = str(tmp_path / "out")
     _, results = run_train(*common(synth, sft_dir, out), "--max_steps=2")
@@ -181,7 +202,7 @@ def test_main_job_writes_results_metrics_and_checkpoint(synth, sft_dir, tmp_path
                 "clip_fraction", "response_length", "oracle_failures", "skipped_samples", "samples_per_s", "seconds"):
         assert key in rows[0]
     assert os.path.exists(os.path.join(out, "ckpt", "model", "model.safetensors"))
-    assert saved["config"]["advantage"] == "lambda"
+    assert saved["config"]["advantage"] == "lambda_floor"
 
 
 def test_resume_reproduces_the_uninterrupted_run(synth, sft_dir, tmp_path):

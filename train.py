@@ -79,7 +79,7 @@ lora_alpha = 16
 lora_dropout = 0.0
 lora_target_modules = "q_proj,k_proj,v_proj,o_proj"
 # GRPO_rank (paper Sec. 4)
-advantage = "lambda"         # "lambda" | "paper" (Eq. 7-8 as printed) | "rank_reward" | "pairwise_gain"
+advantage = "lambda_floor"   # | "lambda" (collapses at beta 0) | "paper" (Eq. 7-8) | "rank_reward" | "pairwise_gain"
 dcg_kind = "eq10"            # "eq10" | "eq11" | "table3"
 bound = "symmetric"          # "symmetric" | "literal" (Eq. 9 as printed)
 scale_rewards = "group"      # rank_reward / pairwise_gain over the std of: "group" | "batch" (this process's) | "none"
