@@ -4,7 +4,7 @@ import math
 import pytest
 import torch
 
-from experiments import bandit, length_bandit
+from bandits import bandit, length_bandit
 from train_step import group_ndcg
 from grpo_rank import (BOUNDS, DCG_KINDS, FLOOR, METHODS, dcg, grpo_rank_loss, masked_mean, ndcg_penalty,
                        rank_advantages, ranks_from_scores)
