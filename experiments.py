@@ -179,7 +179,7 @@ def summary_table(rows):
                 cells.append("-")
                 continue
             gains = [100 * (r["after"] - r["before"]) for r in picked]
-            cell = f"{mean_std([r['after'] for r in picked])} ({statistics.mean(gains):+.1f}; {len(picked)} seeds)"
+            cell = f"{mean_std([r['after'] for r in picked])} ({statistics.mean(gains):+.1f}; {len(picked)} seed{'s' if len(picked) > 1 else ''})"
             broken = sum(collapsed(r) for r in picked)
             cells.append(cell + (f", collapsed {broken}/{len(picked)}" if broken else ""))
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
