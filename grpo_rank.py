@@ -85,6 +85,7 @@ def rank_advantages(oracle_rank, seq_logp, method="lambda_floor", dcg_kind="eq10
     policy_rank = ranks_from_scores(seq_logp)      # Algorithm 1 line 9
     gain, discount = dcg(oracle_rank, dcg_kind), dcg(policy_rank, dcg_kind)
     prefers = (oracle_rank.unsqueeze(2) < oracle_rank.unsqueeze(1)).to(gain.dtype)    # [b,i,j]: i above j
+    gap = gain.unsqueeze(2) - gain.unsqueeze(1)                                        # [b,i,j]: g_i - g_j
     if method == "paper":   # with G = 2 and the symmetric bound both deltas are equal, so A = 0
         delta = ndcg_penalty(policy_rank, oracle_rank, dcg_kind, bound)   # Eq. 9
         return delta.mean(-1, keepdim=True) - delta                       # Eq. 7-8
@@ -93,10 +94,9 @@ def rank_advantages(oracle_rank, seq_logp, method="lambda_floor", dcg_kind="eq10
         # the nDCG change if the policy swapped them (gains DCG(oracle rank), discounts DCG(policy rank), Eq. 9-10)
         # times ~1 for a mis-ordered pair, 1/2 for a tie, fading as the pair is ordered. "lambda" collapses at beta 0:
         # an unlikely (long) response is barely pushed down. "lambda_floor" adds FLOOR * |g_i - g_j|, escaped by none.
-        swap = ((gain.unsqueeze(2) - gain.unsqueeze(1)) * (discount.unsqueeze(2) - discount.unsqueeze(1))).abs()
+        swap = (gap * (discount.unsqueeze(2) - discount.unsqueeze(1))).abs()
         weight, norm = torch.sigmoid(seq_logp[:, None] - seq_logp[:, :, None]), (gain * gain).sum(-1)[:, None, None]
-        floor = FLOOR * (gain.unsqueeze(2) - gain.unsqueeze(1)).abs()
-        lambdas = swap / norm * weight if method == "lambda" else (floor + swap * weight) / norm
+        lambdas = swap / norm * weight if method == "lambda" else (FLOOR * gap.abs() + swap * weight) / norm
         return (lambdas * prefers).sum(2) - (lambdas * prefers).sum(1)
     if method == "rank_reward":   # Eq. 5 on the reward (G-1-rank)/(G-1)
         reward = (group_size - 1 - oracle_rank).to(gain.dtype) / max(group_size - 1, 1)
@@ -107,7 +107,7 @@ def rank_advantages(oracle_rank, seq_logp, method="lambda_floor", dcg_kind="eq10
         # matter most) and does not depend on the policy, so no response escapes its push by becoming unlikely; the
         # second adds the nDCG the policy loses by ranking the worse response above the better (false promotion).
         regret = (discount.unsqueeze(1) - discount.unsqueeze(2)).clamp(min=0)       # [b,i,j]: d_j - d_i
-        lambdas = (gain.unsqueeze(2) - gain.unsqueeze(1)) * (1.0 + regret) * prefers
+        lambdas = gap * (1.0 + regret) * prefers
         reward = advantages = lambdas.sum(2) - lambdas.sum(1)
     if scale_rewards == "none":
         return advantages
