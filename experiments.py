@@ -148,7 +148,8 @@ def collect(runs):
         with open(path) as f:
             result = json.load(f)
         curve = [(0, result["before"]["accuracy"])] + [(e["step"], e["accuracy"]) for e in read_jsonl(os.path.join(run_dir, "evals.jsonl"))]
-        curve.append((steps := result["config"]["max_steps"], result["after"]["accuracy"]))
+        steps = result["config"]["max_steps"]
+        curve.append((steps, result["after"]["accuracy"]))
         metrics = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
         rows.append({**info, "name": name, "before": result["before"]["accuracy"], "after": result["after"]["accuracy"],
                      "by_category": {"before": {k: v["accuracy"] for k, v in result["before"]["by_category"].items()},
