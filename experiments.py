@@ -14,6 +14,7 @@ results/ablation.json, results/curves.png and README-ready tables. `parallel` ru
 Runs (each is `python train.py ...` in its own process, output in results/runs/<name>/):
   default:  advantage paper | lambda | lambda_floor | rank_reward | pairwise_gain  x  oracle reference | graded  x  seeds
   beta=0:   the same without the KL term (paper excepted: it does not learn with it)
+  floor=...: lambda_floor at its other floors (train.py's --floor is grpo_rank.FLOOR), as the default runs
   lr=...:   each method but paper at the other learning rates (reference Oracle, first seed)
   variants: advantage=paper with dcg_kind eq10 | eq11 | table3, bound symmetric | literal,
             ratio_policy rollout | reference (reference Oracle, first seed)
@@ -27,6 +28,7 @@ import time
 
 from configurator import configure
 from bandits import bandit_table
+from grpo_rank import FLOOR
 
 # -----------------------------------------------------------------------------
 study = "video"            # "video" | "bandit" | "plot"
@@ -37,6 +39,7 @@ max_steps = 800            # where the curves have flattened (200 stopped them r
 epochs = 7                 # 125 steps per epoch: enough epochs for max_steps
 eval_every = 100
 learning_rates = "5e-4,2e-3"   # the sweep, beside train.py's 1e-3
+floors = "0.1,0.05"        # lambda_floor's other floors, beside grpo_rank.FLOOR (every seed, Oracle and beta)
 betas = "0.04,0"           # train.py's, then none
 sft_steps = 300
 sft_seed = 1337            # the warm start of the default `python train.py` ...
@@ -65,6 +68,11 @@ def plan():
                     runs.append((f"{method}-{oracle}{tag}-s{seed}",
                                  [f"--advantage={method}", f"--oracle={oracle}", f"--beta={beta}", f"--seed={seed}"],
                                  {"method": method, "variant": variant, "oracle": oracle, "seed": int(seed)}))
+                for floor in floors.split(",") if floors else []:
+                    runs.append((f"lambda_floor-floor{floor}-{oracle}{tag}-s{seed}",
+                                 ["--advantage=lambda_floor", f"--floor={floor}", f"--oracle={oracle}", f"--beta={beta}", f"--seed={seed}"],
+                                 {"method": "lambda_floor", "variant": f"floor={floor}" + tag.replace("-beta", "/beta="),
+                                  "oracle": oracle, "seed": int(seed)}))
         if index == 0 and learning_rates:
             for method in METHODS[1:]:
                 for lr in learning_rates.split(","):
@@ -166,16 +174,21 @@ def collapsed(row):
     return row["truncated_last50"] > 0.5
 
 
-def summary_table(rows):
-    """Mean ± std of held-out accuracy after RL (gain over the warm start), per method, Oracle and beta."""
-    columns = [(oracle, variant) for oracle in ORACLES for variant in ("default", *(f"beta={b}" for b in betas.split(",")[1:]))]
-    beta_of = lambda variant: betas.split(",")[0] if variant == "default" else variant.split("=")[1]
-    lines = ["| method | " + " | ".join(f"{oracle}, beta {beta_of(variant)}" for oracle, variant in columns) + " |",
+def summary_table(rows, by_floor=False):
+    """Mean ± std of held-out accuracy after RL (gain over the warm start), per method (or lambda_floor's
+    floor), Oracle and beta."""
+    default_beta, columns = betas.split(",")[0], [(oracle, beta) for oracle in ORACLES for beta in betas.split(",")]
+    variant = lambda prefix, beta: "/".join(p for p in (prefix, "" if beta == default_beta else f"beta={beta}") if p) or "default"
+    specs = [(method, method, "") for method in METHODS]
+    if by_floor:
+        other = [float(f) for f in floors.split(",")] if floors else []
+        specs = [(f"floor {f:g}", "lambda_floor", "" if f == FLOOR else f"floor={f:g}") for f in sorted({FLOOR, *other})]
+    lines = ["| " + ("lambda_floor" if by_floor else "method") + " | " + " | ".join(f"{o}, beta {b}" for o, b in columns) + " |",
              "| --- |" + " --- |" * len(columns)]
-    for method in METHODS:
+    for label, method, prefix in specs:
         cells = []
-        for oracle, variant in columns:
-            picked = [r for r in rows if (r["method"], r["oracle"], r["variant"]) == (method, oracle, variant)]
+        for oracle, beta in columns:
+            picked = [r for r in rows if (r["method"], r["oracle"], r["variant"]) == (method, oracle, variant(prefix, beta))]
             if not picked:
                 cells.append("-")
                 continue
@@ -183,7 +196,7 @@ def summary_table(rows):
             cell = f"{mean_std([r['after'] for r in picked])} ({statistics.mean(gains):+.1f}; {len(picked)} seed{'s' if len(picked) > 1 else ''})"
             broken = sum(collapsed(r) for r in picked)
             cells.append(cell + (f", collapsed {broken}/{len(picked)}" if broken else ""))
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
 
 
@@ -340,6 +353,9 @@ def main(argv):
     for oracle in ORACLES:
         print(f"\nby category, {oracle} Oracle, beta {betas.split(',')[0]}, mean ± std over seeds\n")
         print(table(rows, oracle))
+    if floors:
+        print(f"\nlambda_floor by floor (train.py's: {FLOOR:g}), mean ± std over seeds (gain over the warm start)\n")
+        print(summary_table(rows, by_floor=True))
     if learning_rates:
         print(f"\nby learning rate (reference Oracle, beta {betas.split(',')[0]}, seed {seeds.split(',')[0]})\n")
         print(lr_table(rows))

@@ -66,14 +66,18 @@ def ndcg_penalty(policy_rank, oracle_rank, dcg_kind="eq10", bound="symmetric"):
     return 1.0 - torch.minimum(dcg_pred, dcg_true) / torch.maximum(dcg_pred, dcg_true)
 
 
-def rank_advantages(oracle_rank, seq_logp, method="lambda_floor", dcg_kind="eq10", bound="symmetric", scale_rewards="group"):
+def rank_advantages(oracle_rank, seq_logp, method="lambda_floor", dcg_kind="eq10", bound="symmetric", scale_rewards="group",
+                    floor=FLOOR):
     """Advantages from Oracle ranks. oracle_rank: (B, G) long; seq_logp: (B, G) float, l_i of Algorithm 1
     line 8 -> advantages (B, G) float, no gradient, zero-sum per group. Ranks with ties are read as
     competition ranks (dense 0, 0, 1 -> 0, 0, 2). scale_rewards (TRL's): rank_reward and pairwise_gain
-    are divided by the std + 1e-4 of their group ("group"), of the batch ("batch"), or not ("none")."""
+    are divided by the std + 1e-4 of their group ("group"), of the batch ("batch"), or not ("none").
+    floor: lambda_floor's FLOOR."""
     for name, value, choices in (("method", method, METHODS), ("dcg_kind", dcg_kind, DCG_KINDS), ("bound", bound, BOUNDS),
                                  ("scale_rewards", scale_rewards, SCALES)):
         _check_choice(name, value, choices)
+    if not 0 <= floor < float("inf"):   # NaN fails too
+        raise ValueError(f"floor must be finite and >= 0, got {floor}")
     if oracle_rank.dim() != 2 or seq_logp.shape != oracle_rank.shape:
         raise ValueError(f"oracle_rank {tuple(oracle_rank.shape)}, seq_logp {tuple(seq_logp.shape)}: need (B, G) both")
     group_size = oracle_rank.shape[1]
@@ -93,10 +97,10 @@ def rank_advantages(oracle_rank, seq_logp, method="lambda_floor", dcg_kind="eq10
         # each pair (i, j) the Oracle orders i above j pushes i up and j down by |Delta nDCG_ij| * sigmoid(l_j - l_i):
         # the nDCG change if the policy swapped them (gains DCG(oracle rank), discounts DCG(policy rank), Eq. 9-10)
         # times ~1 for a mis-ordered pair, 1/2 for a tie, fading as the pair is ordered. "lambda" collapses at beta 0:
-        # an unlikely (long) response is barely pushed down. "lambda_floor" adds FLOOR * |g_i - g_j|, escaped by none.
+        # an unlikely (long) response is barely pushed down. "lambda_floor" adds floor * |g_i - g_j|, escaped by none.
         swap = (gap * (discount.unsqueeze(2) - discount.unsqueeze(1))).abs()
         weight, norm = torch.sigmoid(seq_logp[:, None] - seq_logp[:, :, None]), (gain * gain).sum(-1)[:, None, None]
-        lambdas = swap / norm * weight if method == "lambda" else (FLOOR * gap.abs() + swap * weight) / norm
+        lambdas = swap / norm * weight if method == "lambda" else (floor * gap.abs() + swap * weight) / norm
         return (lambdas * prefers).sum(2) - (lambdas * prefers).sum(1)
     if method == "rank_reward":   # Eq. 5 on the reward (G-1-rank)/(G-1)
         reward = (group_size - 1 - oracle_rank).to(gain.dtype) / max(group_size - 1, 1)

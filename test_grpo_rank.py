@@ -195,6 +195,10 @@ def test_lambda_floor_pushes_an_unlikely_loser_down_and_is_lambda_plus_the_floor
     assert abs(lam[0, 3]) < 1e-3 * abs(lam[0, 0]) and floor[0, 3] == pytest.approx(lam[0, 3].item() - push.item())
     assert floor[0].sum().item() == pytest.approx(0.0, abs=1e-6)                 # still zero-sum
     assert floor[0, 0] == pytest.approx(lam[0, 0].item() + 3 * push.item())      # the best takes all three floors
+    # floor: 0 is plain lambda; the floor's share grows linearly with it
+    assert torch.allclose(rank_advantages(oracle_rank, seq_logp, "lambda_floor", floor=0.0), lam, rtol=1e-6, atol=0)
+    doubled = rank_advantages(oracle_rank, seq_logp, "lambda_floor", floor=2 * FLOOR)
+    assert torch.allclose(doubled - lam, 2 * (floor - lam), atol=1e-7)
 
 
 def test_group_ndcg_is_one_when_orders_agree():
@@ -343,6 +347,9 @@ def test_errors_name_the_argument():
         rank_advantages(ok_rank, ok_logp, dcg_kind="eq12")
     with pytest.raises(ValueError, match="bound must be one of"):
         rank_advantages(ok_rank, ok_logp, bound="loose")
+    for bad in (-0.1, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="floor must be finite and >= 0, got"):
+            rank_advantages(ok_rank, ok_logp, "lambda_floor", floor=bad)
     with pytest.raises(ValueError, match="policy_rank .*, oracle_rank .*: need \\(B, G\\)"):
         ndcg_penalty(long(0, 1), ok_rank)
     with pytest.raises(ValueError, match="policy_rank.*\\[0, 3\\)"):

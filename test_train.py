@@ -9,6 +9,7 @@ import pytest
 import torch
 
 import checkpoint
+import grpo_rank
 import train
 import train_step
 from configurator import configure
@@ -325,6 +326,8 @@ def test_bad_options_fail_with_clear_messages():
         run_train("--learning_rat=1e-3")
     with pytest.raises(SystemExit, match="--advantage must be one of"):
         run_train("--advantage=ppo")
+    with pytest.raises(SystemExit, match="--floor must be >= 0"):
+        run_train("--floor=-0.1")
     with pytest.raises(SystemExit, match="--max_steps expects a int, got .ten."):
         run_train("--max_steps=ten")
     with pytest.raises(SystemExit, match="config file 'nope.py' not found"):
@@ -337,6 +340,7 @@ def test_the_step_options_read_from_train_py_are_its_defaults():
     module = importlib.reload(train)
     from_text = train_step.StepConfig.from_options(read_config_file(os.path.join(HERE, "train.py"), skip_other=True))
     assert from_text == train_step.StepConfig.from_options(vars(module))
+    assert module.floor == grpo_rank.FLOOR     # experiments.py reads train.py's floor from grpo_rank
 
 
 def test_config_file_and_overrides(tmp_path):

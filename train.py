@@ -84,6 +84,7 @@ advantage = "lambda_floor"   # | "lambda" (collapses at beta 0) | "paper" (Eq. 7
 dcg_kind = "eq10"            # "eq10" | "eq11" | "table3"
 bound = "symmetric"          # "symmetric" | "literal" (Eq. 9 as printed)
 scale_rewards = "group"      # rank_reward / pairwise_gain over the std of: "group" | "batch" (this process's) | "none"
+floor = 0.25                 # lambda_floor: every worse response's push, per unit of gain gap, however unlikely it is
 ratio_policy = "rollout"     # "rollout": standard GRPO; "reference": Eq. 4/6 read literally (pi_old = pi_ref)
 num_generations = 8          # G (the paper: 5)
 epsilon = 0.2
@@ -129,7 +130,7 @@ RANGES = {"save_every": (1, None), "eval_every": (0, None), "eval_size": (0, Non
           "num_threads": (1, None), "stop_after_steps": (0, None), "num_train": (1, None), "num_eval": (0, None),
           "max_bad_video_fraction": (0, 1), "clip_cache_mb": (0, None), "num_frames": (1, None),
           "sft_steps": (0, None), "sft_batch_size": (1, None), "sft_learning_rate": (0, None), "lora_r": (0, None), "lora_alpha": (1, None), "lora_dropout": (0, 0.99),
-          "num_generations": (2, None), "epsilon": (0, 1), "epsilon_high": (0, None), "beta": (0, None),
+          "num_generations": (2, None), "epsilon": (0, 1), "epsilon_high": (0, None), "beta": (0, None), "floor": (0, None),
           "temperature": (0, None), "top_p": (1e-9, 1), "max_new_tokens": (1, None), "num_iterations": (1, None),
           "learning_rate": (1e-12, None), "weight_decay": (0, None), "grad_clip": (1e-12, None), "warmup_steps": (0, None),
           "batch_size": (1, None), "epochs": (1, None), "max_steps": (0, None), "max_bad_steps": (1, None),

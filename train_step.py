@@ -40,6 +40,7 @@ class StepConfig:
     dcg_kind: str
     bound: str
     scale_rewards: str                # grpo_rank.SCALES
+    floor: float                      # lambda_floor's floor (grpo_rank.FLOOR)
     ratio_policy: str                 # "rollout" | "reference": which policy Eq. 4's pi_old is
     beta: float                       # KL weight (k3)
     epsilon: float
@@ -186,7 +187,7 @@ def train_step(policy, optimizer, samples, oracle, config, lr, generator, step=0
         advantages = torch.zeros(len(samples), group_size)                    # failed groups keep zeros
         if valid.any():
             advantages[valid] = rank_advantages(oracle_rank[valid], batch.seq_logp[valid].cpu(), config.advantage,
-                                                config.dcg_kind, config.bound, config.scale_rewards)
+                                                config.dcg_kind, config.bound, config.scale_rewards, config.floor)
         advantages = advantages.to(device).view(-1)
     with phase("reference"):
         ref_logp = None
