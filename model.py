@@ -278,8 +278,7 @@ class VideoLM(nn.Module):
 
     def decode(self, completion_ids, completion_mask):
         """(N, L) ids -> N strings, stopping at EOS."""
-        eos = self.tokenizer.eos_token_id
-        texts = []
+        eos, texts = self.tokenizer.eos_token_id, []
         for ids, mask in zip(completion_ids.tolist(), completion_mask.tolist()):
             kept = [t for t, m in zip(ids, mask) if m and t != eos]
             texts.append(self.tokenizer.decode(kept, skip_special_tokens=True).strip())
@@ -333,30 +332,30 @@ class VideoLM(nn.Module):
             return first
         out.cache.batch_repeat_interleave(group_size)
         full_mask = torch.cat([mask.repeat_interleave(group_size, 0), completion_mask.to(mask.dtype)], 1)
-        prefix = mask.shape[1]
         rest = lm(input_ids=completion_ids[:, :-1], attention_mask=full_mask[:, :-1],
-                  position_ids=positions(full_mask)[:, prefix:-1], cache=out.cache, use_cache=True)
+                  position_ids=positions(full_mask)[:, mask.shape[1]:-1], cache=out.cache, use_cache=True)
         return torch.cat([first, rest.logits], 1)
 
     @torch.no_grad()
     def generate(self, features, prompt_ids, prompt_mask, group_size=1, max_new_tokens=8, greedy=False,
                  generator=None, all_finished=None, **sampling):
-        """Sample group_size completions per prompt in one batched, KV-cached loop.
-        features: encode_video's; prompt_*: (B, P) -> completion_ids (B*G, L) (pad after EOS),
-        completion_mask (B*G, L) (1 up to and including EOS), truncated (B*G,) bool (no EOS).
-        sampling: rollout.sample_token's temperature, top_p, top_k, repetition_penalty (prompt and completion
-        tokens). all_finished: done (B*G,) bool -> stop? (default: every row has its EOS); sharded processes
-        pass one that agrees across processes (configurator.all_finished)."""
+        """Sample group_size completions per prompt in one batched, KV-cached loop (the prompt runs once, its cache
+        repeated G times: test_generate_prefills_once). features: encode_video's; prompt_*: (B, P) -> completion_ids
+        (B*G, L) (pad after EOS), completion_mask (B*G, L) (1 up to and including EOS), truncated (B*G,) bool (no EOS).
+        sampling: rollout.sample_token's temperature, top_p, top_k, repetition_penalty (prompt and completion tokens).
+        all_finished: done (B*G,) bool -> stop? (default: every row has its EOS); sharded processes pass one that
+        agrees across processes (configurator.all_finished)."""
         all_finished = all_finished or (lambda done: bool(done.all()))
         embeds, mask = self.prompt_embeddings(features, prompt_ids, prompt_mask)
-        embeds, mask = embeds.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
+        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), logits_to_keep=1,
+                      use_cache=True)
+        out.cache.batch_repeat_interleave(group_size)
+        logits, mask = out.logits[:, -1].repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
         seen = torch.where((prompt_mask > 0) & (prompt_ids >= 0), prompt_ids, -1).repeat_interleave(group_size, 0)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        done = torch.zeros(embeds.shape[0], dtype=torch.bool, device=embeds.device)
-        tokens, keep = [], []
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), use_cache=True)
+        tokens, keep, done = [], [], torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
         for _ in range(max_new_tokens):
-            next_token = sample_token(out.logits[:, -1].float(), greedy=greedy, generator=generator, seen=seen, **sampling)
+            next_token = sample_token(logits.float(), greedy=greedy, generator=generator, seen=seen, **sampling)
             next_token = torch.where(done, torch.full_like(next_token, pad), next_token)
             keep.append(~done)
             tokens.append(next_token)
@@ -366,6 +365,7 @@ class VideoLM(nn.Module):
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             out = self.lm(input_ids=next_token.unsqueeze(1), attention_mask=mask,
                           position_ids=positions(mask)[:, -1:], cache=out.cache, use_cache=True)
+            logits = out.logits[:, -1]
         return torch.stack(tokens, 1), torch.stack(keep, 1).long(), ~done
 
     # ------------------------------------------------------------------ save / load

@@ -335,6 +335,27 @@ def test_kv_cached_generation_agrees_with_the_full_forward(tiny, monkeypatch):
     assert torch.allclose(logits[on], torch.stack(recorded, 1)[on], atol=1e-4)
 
 
+def test_generate_prefills_once(tiny):
+    """The prompt runs once per prompt and its KV cache is repeated for the G samples: the same samples as
+    generating from G copies of each prompt (the prompt run G times), left padding included."""
+    samples = questions("what colour is the square ?", "where ?", "how many squares can you see in the frame ?")
+    prompt_ids, prompt_mask = tiny.encode_prompts(samples)
+    features = torch.randn(3, 4 + S, C, generator=torch.Generator().manual_seed(1))
+    prefill_rows = []
+    hook = tiny.lm.register_forward_pre_hook(
+        lambda module, args, kwargs: prefill_rows.append(len(kwargs["inputs_embeds"])) if "inputs_embeds" in kwargs else None,
+        with_kwargs=True)
+    sample = lambda *inputs, group_size: tiny.generate(*inputs, group_size=group_size, max_new_tokens=6, temperature=3.0,
+                                                       generator=torch.Generator().manual_seed(0))
+    grouped = sample(features, prompt_ids, prompt_mask, group_size=4)
+    copies = sample(*(t.repeat_interleave(4, 0) for t in (features, prompt_ids, prompt_mask)), group_size=1)
+    hook.remove()
+    assert prefill_rows == [3, 12]
+    assert len(set(map(tuple, grouped[0].tolist()))) > 3
+    for ours, theirs in zip(grouped, copies):         # ids, mask, truncated
+        assert torch.equal(ours, theirs)
+
+
 def test_left_padding_does_not_change_a_prompts_logits(tiny):
     """A prompt batched with a longer one (so left-padded) gets the logits it gets alone."""
     samples = questions("where ?", "how many squares can you see in the frame ? what colour is the square ?")
