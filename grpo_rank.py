@@ -17,7 +17,7 @@ import torch
 
 DCG_KINDS, BOUNDS, LOSS_TYPES = ("eq10", "eq11", "table3"), ("symmetric", "literal"), ("grpo", "bnpo", "dr_grpo", "dapo")
 METHODS, SCALES = ("lambda", "lambda_floor", "paper", "rank_reward", "pairwise_gain"), ("group", "batch", "none")
-FLOOR = 0.25   # lambda_floor: the push every ordered pair gets whatever the policy's log-probs, per unit of gain gap
+FLOOR = 0.1    # lambda_floor: the push every ordered pair gets whatever the policy's log-probs, per unit of gain gap
 
 
 def _check_choice(name, value, choices):
