@@ -13,6 +13,7 @@ results/ablation.json, results/curves.png and README-ready tables. `parallel` ru
 
 Runs (each is `python train.py ...` in its own process, output in results/runs/<name>/):
   default:  advantage paper | lambda | lambda_floor | rank_reward | pairwise_gain  x  oracle reference | graded  x  seeds
+            (lambda_floor: default_seeds)
   beta=0:   the same without the KL term (paper excepted: it does not learn with it)
   floor=...: lambda_floor at its other floors (train.py's --floor is grpo_rank.FLOOR), as the default runs
   lr=...:   each method but paper at the other learning rates (reference Oracle, first seed)
@@ -35,6 +36,7 @@ study = "video"            # "video" | "bandit" | "plot"
 plot_dir = "out"           # --study=plot: the run directory (train.py's out_dir)
 out_dir = "results"
 seeds = "0,1,2"
+default_seeds = "0,1,2,3,4"   # train.py's advantage (lambda_floor), the one users take: more seeds
 max_steps = 800            # where the curves have flattened (200 stopped them rising)
 epochs = 7                 # 125 steps per epoch: enough epochs for max_steps
 eval_every = 100
@@ -57,18 +59,20 @@ def plan():
     """[(name, train.py overrides, row info)] for every run, the first seed of everything first."""
     runs, seed_list = [], seeds.split(",")
     default_beta, *other_betas = betas.split(",")
-    for index, seed in enumerate(seed_list):
+    for index, seed in enumerate(seed_list + [s for s in default_seeds.split(",") if s not in seed_list]):
         for beta in [default_beta] + other_betas:
             for oracle in ORACLES:
                 for method in METHODS:
                     if method == "paper" and beta != default_beta:
+                        continue
+                    if seed not in seed_list and method != "lambda_floor":     # default_seeds' extra seeds
                         continue
                     variant = "default" if beta == default_beta else f"beta={beta}"
                     tag = "" if beta == default_beta else f"-beta{beta}"
                     runs.append((f"{method}-{oracle}{tag}-s{seed}",
                                  [f"--advantage={method}", f"--oracle={oracle}", f"--beta={beta}", f"--seed={seed}"],
                                  {"method": method, "variant": variant, "oracle": oracle, "seed": int(seed)}))
-                for floor in floors.split(",") if floors else []:
+                for floor in floors.split(",") if floors and seed in seed_list else []:
                     runs.append((f"lambda_floor-floor{floor}-{oracle}{tag}-s{seed}",
                                  ["--advantage=lambda_floor", f"--floor={floor}", f"--oracle={oracle}", f"--beta={beta}", f"--seed={seed}"],
                                  {"method": "lambda_floor", "variant": f"floor={floor}" + tag.replace("-beta", "/beta="),
