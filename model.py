@@ -129,8 +129,7 @@ class VideoLM(nn.Module):
         self.ref_lm = None                                # only without LoRA: a full copy
         self.encode_calls = 0                             # counted, so tests can check encode-once
         if config.lm != "tiny":
-            # A pretrained LM is trained only through LoRA: checkpoints then hold adapters and the
-            # projector (megabytes), never a second copy of the base weights (gigabytes).
+            # a pretrained LM trains only through LoRA: checkpoints hold adapters + projector (MB), not its weights (GB)
             self.lm.requires_grad_(False)
         if config.gradient_checkpointing:
             self.lm.gradient_checkpointing_enable()
@@ -322,35 +321,28 @@ class VideoLM(nn.Module):
             return out.logits
 
     def _shared_prefix_logits(self, lm, embeds, mask, completion_ids, completion_mask, group_size):
-        """The same logits, with the [visual, prompt] prefix run once per prompt instead of once
-        per completion: its KV cache (gradients flow through it) is repeated for the G completions,
-        which then run alone. embeds: (B, P', D), mask: (B, P') -> (B*G, L, vocab)."""
-        out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask),
-                 logits_to_keep=1, use_cache=True)
-        first = out.logits.repeat_interleave(group_size, 0)             # predicts completion token 0
+        """The same logits, the prefix run once per prompt (prefill; gradients flow through its repeated KV
+        cache), then the G completions alone. embeds: (B, P', D), mask: (B, P') -> (B*G, L, vocab)."""
+        cache, first = prefill(lm, embeds, mask, group_size)      # first predicts completion token 0
         if completion_ids.shape[1] == 1:
             return first
-        out.cache.batch_repeat_interleave(group_size)
         full_mask = torch.cat([mask.repeat_interleave(group_size, 0), completion_mask.to(mask.dtype)], 1)
         rest = lm(input_ids=completion_ids[:, :-1], attention_mask=full_mask[:, :-1],
-                  position_ids=positions(full_mask)[:, mask.shape[1]:-1], cache=out.cache, use_cache=True)
+                  position_ids=positions(full_mask)[:, mask.shape[1]:-1], cache=cache, use_cache=True)
         return torch.cat([first, rest.logits], 1)
 
     @torch.no_grad()
     def generate(self, features, prompt_ids, prompt_mask, group_size=1, max_new_tokens=8, greedy=False,
                  generator=None, all_finished=None, **sampling):
-        """Sample group_size completions per prompt in one batched, KV-cached loop (the prompt runs once, its cache
-        repeated G times: test_generate_prefills_once). features: encode_video's; prompt_*: (B, P) -> completion_ids
-        (B*G, L) (pad after EOS), completion_mask (B*G, L) (1 up to and including EOS), truncated (B*G,) bool (no EOS).
-        sampling: rollout.sample_token's temperature, top_p, top_k, repetition_penalty (prompt and completion tokens).
-        all_finished: done (B*G,) bool -> stop? (default: every row has its EOS); sharded processes pass one that
-        agrees across processes (configurator.all_finished)."""
+        """Sample group_size completions per prompt in one batched, KV-cached loop, the prompt run once (prefill).
+        features: encode_video's; prompt_*: (B, P) -> completion_ids (B*G, L) (pad after EOS), completion_mask (B*G, L)
+        (1 up to and including EOS), truncated (B*G,) bool (no EOS). sampling: rollout.sample_token's temperature,
+        top_p, top_k, repetition_penalty (prompt and completion tokens). all_finished: done (B*G,) bool -> stop?
+        (default: every row has its EOS); sharded processes pass configurator.all_finished (agreed by all)."""
         all_finished = all_finished or (lambda done: bool(done.all()))
         embeds, mask = self.prompt_embeddings(features, prompt_ids, prompt_mask)
-        out = self.lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), logits_to_keep=1,
-                      use_cache=True)
-        out.cache.batch_repeat_interleave(group_size)
-        logits, mask = out.logits[:, -1].repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
+        cache, logits = prefill(self.lm, embeds, mask, group_size)
+        logits, mask = logits[:, -1], mask.repeat_interleave(group_size, 0)
         seen = torch.where((prompt_mask > 0) & (prompt_ids >= 0), prompt_ids, -1).repeat_interleave(group_size, 0)
         eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
         tokens, keep, done = [], [], torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
@@ -364,8 +356,8 @@ class VideoLM(nn.Module):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
             out = self.lm(input_ids=next_token.unsqueeze(1), attention_mask=mask,
-                          position_ids=positions(mask)[:, -1:], cache=out.cache, use_cache=True)
-            logits = out.logits[:, -1]
+                          position_ids=positions(mask)[:, -1:], cache=cache, use_cache=True)
+            cache, logits = out.cache, out.logits[:, -1]
         return torch.stack(tokens, 1), torch.stack(keep, 1).long(), ~done
 
     # ------------------------------------------------------------------ save / load
@@ -431,6 +423,14 @@ def video_chatgpt_pool(patches):
     """Video-ChatGPT pooling. patches: (B, T, S, C) -> (B, T + S, C): T temporal tokens (mean
     over the S patches of each frame), then S spatial tokens (mean over the T frames of each patch)."""
     return torch.cat([patches.mean(2), patches.mean(1)], 1)
+
+
+def prefill(lm, embeds, mask, group_size):
+    """The [visual, prompt] prefix run once per prompt, its KV cache then repeated for the G completions (the
+    same numbers as G runs of it). embeds: (B, P', D), mask: (B, P') -> (cache, last logits (B*G, 1, vocab))."""
+    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), logits_to_keep=1, use_cache=True)
+    out.cache.batch_repeat_interleave(group_size)
+    return out.cache, out.logits.repeat_interleave(group_size, 0)
 
 
 def positions(mask):
