@@ -55,6 +55,11 @@ METHODS = ("paper", "lambda", "lambda_floor", "rank_reward", "pairwise_gain")
 ORACLES = ("reference", "graded")
 
 
+def variant_name(beta, prefix=""):
+    """A row's variant: "default" (train.py's beta), "beta=0", "floor=0.25", "floor=0.25/beta=0"."""
+    return "/".join(p for p in (prefix, "" if beta == betas.split(",")[0] else f"beta={beta}") if p) or "default"
+
+
 def plan():
     """[(name, train.py overrides, row info)] for every run, the first seed of everything first."""
     runs, seed_list = [], seeds.split(",")
@@ -67,15 +72,14 @@ def plan():
                         continue
                     if seed not in seed_list and method != "lambda_floor":     # default_seeds' extra seeds
                         continue
-                    variant = "default" if beta == default_beta else f"beta={beta}"
                     tag = "" if beta == default_beta else f"-beta{beta}"
                     runs.append((f"{method}-{oracle}{tag}-s{seed}",
                                  [f"--advantage={method}", f"--oracle={oracle}", f"--beta={beta}", f"--seed={seed}"],
-                                 {"method": method, "variant": variant, "oracle": oracle, "seed": int(seed)}))
+                                 {"method": method, "variant": variant_name(beta), "oracle": oracle, "seed": int(seed)}))
                 for floor in floors.split(",") if floors and seed in seed_list else []:
                     runs.append((f"lambda_floor-floor{floor}-{oracle}{tag}-s{seed}",
                                  ["--advantage=lambda_floor", f"--floor={floor}", f"--oracle={oracle}", f"--beta={beta}", f"--seed={seed}"],
-                                 {"method": "lambda_floor", "variant": f"floor={floor}" + tag.replace("-beta", "/beta="),
+                                 {"method": "lambda_floor", "variant": variant_name(beta, f"floor={floor}"),
                                   "oracle": oracle, "seed": int(seed)}))
         if index == 0 and learning_rates:
             for method in METHODS[1:]:
@@ -181,18 +185,17 @@ def collapsed(row):
 def summary_table(rows, by_floor=False):
     """Mean ± std of held-out accuracy after RL (gain over the warm start), per method (or lambda_floor's
     floor), Oracle and beta."""
-    default_beta, columns = betas.split(",")[0], [(oracle, beta) for oracle in ORACLES for beta in betas.split(",")]
-    variant = lambda prefix, beta: "/".join(p for p in (prefix, "" if beta == default_beta else f"beta={beta}") if p) or "default"
+    columns = [(oracle, beta) for oracle in ORACLES for beta in betas.split(",")]
     specs = [(method, method, "") for method in METHODS]
-    if by_floor:
-        other = [float(f) for f in floors.split(",")] if floors else []
-        specs = [(f"floor {f:g}", "lambda_floor", "" if f == FLOOR else f"floor={f:g}") for f in sorted({FLOOR, *other})]
+    if by_floor:   # the floors as spelled in the run names (floors), train.py's (grpo_rank.FLOOR) as "default"
+        other = [(float(f), f"floor {f}", f"floor={f}") for f in floors.split(",")] if floors else []
+        specs = [(label, "lambda_floor", prefix) for _, label, prefix in sorted([(FLOOR, f"floor {FLOOR:g}", ""), *other])]
     lines = ["| " + ("lambda_floor" if by_floor else "method") + " | " + " | ".join(f"{o}, beta {b}" for o, b in columns) + " |",
              "| --- |" + " --- |" * len(columns)]
     for label, method, prefix in specs:
         cells = []
         for oracle, beta in columns:
-            picked = [r for r in rows if (r["method"], r["oracle"], r["variant"]) == (method, oracle, variant(prefix, beta))]
+            picked = [r for r in rows if (r["method"], r["oracle"], r["variant"]) == (method, oracle, variant_name(beta, prefix))]
             if not picked:
                 cells.append("-")
                 continue
