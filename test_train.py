@@ -633,3 +633,30 @@ def test_two_torchrun_nodes_on_loopback_then_resume_on_one_process(synth, tmp_pa
     assert len(state["rng"]["generators"]) == 2                 # both nodes' sampling streams were saved
     module, results = run_train(*args[1:], "--resume=True", "--stop_after_steps=0")   # world size 1 now
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3] and results["after"]["n"] == 8
+
+
+def test_experiment_plan_gives_five_seeds_to_the_default_and_to_cells_that_spread(tmp_path):
+    """3 seeds per cell; default_seeds for lambda_floor and for a cell whose finished seeds spread more than
+    wide_spread points (std): the issue's '5 seeds where the spread is large'."""
+    import experiments
+    module = importlib.reload(experiments)
+    module.out_dir = str(tmp_path)
+
+    def finish(name, accuracy):
+        os.makedirs(tmp_path / "runs" / name)
+        with open(tmp_path / "runs" / name / "results.json", "w") as f:
+            json.dump({"after": {"accuracy": accuracy}}, f)
+
+    def seeds_of(cell):
+        return sorted(int(name.rsplit("-s", 1)[1]) for name, _, _ in module.plan() if name.rsplit("-s", 1)[0] == cell)
+
+    assert seeds_of("lambda_floor-graded") == [0, 1, 2, 3, 4] and seeds_of("rank_reward-graded") == [0, 1, 2]
+    finish("rank_reward-graded-s0", 0.60)
+    finish("rank_reward-graded-s1", 0.64)          # std 2.8 points: narrow
+    assert seeds_of("rank_reward-graded") == [0, 1, 2]
+    finish("rank_reward-graded-s2", 0.78)          # std 9.5 points: wide
+    assert seeds_of("rank_reward-graded") == [0, 1, 2, 3, 4] and seeds_of("rank_reward-reference") == [0, 1, 2]
+    assert seeds_of("rank_reward-graded-beta0") == [0, 1, 2]   # the cell, not the method
+    extra = [info for name, _, info in module.plan() if name == "rank_reward-graded-s4"]
+    assert extra == [{"method": "rank_reward", "variant": "default", "oracle": "graded", "seed": 4}]
+    importlib.reload(experiments)
