@@ -90,7 +90,8 @@ def plan():
                                  {"method": method, "variant": variant_name(beta), "oracle": oracle, "seed": int(seed)}))
                 for floor in floors.split(",") if floors and seed in seed_list else []:
                     runs.append((f"lambda_floor-floor{floor}-{oracle}{tag}-s{seed}",
-                                 ["--advantage=lambda_floor", f"--floor={floor}", f"--oracle={oracle}", f"--beta={beta}", f"--seed={seed}"],
+                                 ["--advantage=lambda_floor", f"--floor={floor}", f"--oracle={oracle}",
+                                  f"--beta={beta}", f"--seed={seed}"],
                                  {"method": "lambda_floor", "variant": variant_name(beta, f"floor={floor}"),
                                   "oracle": oracle, "seed": int(seed)}))
         if index == 0 and learning_rates:
@@ -175,7 +176,8 @@ def collect(runs):
             continue
         with open(path) as f:
             result = json.load(f)
-        curve = [(0, result["before"]["accuracy"])] + [(e["step"], e["accuracy"]) for e in read_jsonl(os.path.join(run_dir, "evals.jsonl"))]
+        evals = read_jsonl(os.path.join(run_dir, "evals.jsonl"))
+        curve = [(0, result["before"]["accuracy"])] + [(e["step"], e["accuracy"]) for e in evals]
         steps = result["config"]["max_steps"]
         curve.append((steps, result["after"]["accuracy"]))
         metrics = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
@@ -185,7 +187,8 @@ def collect(runs):
                      "steps": steps, "seconds": result["seconds"].get("rl", 0.0), "curve": curve,
                      "oracle_rank": [(m["step"], m["mean_oracle_rank"]) for m in metrics],
                      "sample_accuracy": [(m["step"], m["sample_accuracy"]) for m in metrics],
-                     "truncated_last50": statistics.mean(m["truncated_fraction"] for m in metrics[-50:]) if metrics else 0.0})
+                     "truncated_last50": statistics.mean(m["truncated_fraction"] for m in metrics[-50:])
+                                         if metrics else 0.0})
     return rows
 
 
@@ -202,17 +205,20 @@ def summary_table(rows, by_floor=False):
     if by_floor:   # the floors as spelled in the run names (floors), train.py's (grpo_rank.FLOOR) as "default"
         other = [(float(f), f"floor {f}", f"floor={f}") for f in floors.split(",")] if floors else []
         specs = [(label, "lambda_floor", prefix) for _, label, prefix in sorted([(FLOOR, f"floor {FLOOR:g}", ""), *other])]
-    lines = ["| " + ("lambda_floor" if by_floor else "method") + " | " + " | ".join(f"{o}, beta {b}" for o, b in columns) + " |",
+    header = " | ".join(f"{o}, beta {b}" for o, b in columns)
+    lines = ["| " + ("lambda_floor" if by_floor else "method") + " | " + header + " |",
              "| --- |" + " --- |" * len(columns)]
     for label, method, prefix in specs:
         cells = []
         for oracle, beta in columns:
-            picked = [r for r in rows if (r["method"], r["oracle"], r["variant"]) == (method, oracle, variant_name(beta, prefix))]
+            picked = [r for r in rows
+                      if (r["method"], r["oracle"], r["variant"]) == (method, oracle, variant_name(beta, prefix))]
             if not picked:
                 cells.append("-")
                 continue
             gains = [100 * (r["after"] - r["before"]) for r in picked]
-            cell = f"{mean_std([r['after'] for r in picked])} ({statistics.mean(gains):+.1f}; {len(picked)} seed{'s' if len(picked) > 1 else ''})"
+            seeds_run = f"{len(picked)} seed{'s' if len(picked) > 1 else ''}"
+            cell = f"{mean_std([r['after'] for r in picked])} ({statistics.mean(gains):+.1f}; {seeds_run})"
             broken = sum(collapsed(r) for r in picked)
             cells.append(cell + (f", collapsed {broken}/{len(picked)}" if broken else ""))
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
@@ -228,7 +234,8 @@ def lr_table(rows):
         cells = []
         for rate in rates:
             variant = "default" if rate == "1e-3" else f"lr={rate}"
-            picked = [r for r in rows if (r["method"], r["oracle"], r["variant"], r["seed"]) == (method, "reference", variant, seed)]
+            picked = [r for r in rows
+                      if (r["method"], r["oracle"], r["variant"], r["seed"]) == (method, "reference", variant, seed)]
             cells.append(f"{100 * picked[0]['after']:.1f}" if picked else "-")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
     return "\n".join(lines)
@@ -264,7 +271,8 @@ def table(rows, oracle):
 
 
 def variant_table(rows):
-    picked = [r for r in rows if r["method"] == "paper" and r["oracle"] == "reference" and r["seed"] == int(seeds.split(",")[0])]
+    seed = int(seeds.split(",")[0])
+    picked = [r for r in rows if r["method"] == "paper" and r["oracle"] == "reference" and r["seed"] == seed]
     lines = ["| dcg_kind / bound / ratio_policy | before | after |", "| --- | --- | --- |"]
     for r in sorted(picked, key=lambda r: r["variant"]):
         name = "eq10/symmetric/rollout" if r["variant"] == "default" else r["variant"]
@@ -363,7 +371,8 @@ def main(argv):
         failed = run_all(runs, ensure_sft())
     rows = collect(runs)
     with open(os.path.join(out_dir, "ablation.json"), "w") as f:
-        json.dump([{k: v for k, v in r.items() if k not in ("curve", "oracle_rank", "sample_accuracy")} | {"curve": r["curve"]}
+        json.dump([{k: v for k, v in r.items() if k not in ("curve", "oracle_rank", "sample_accuracy")}
+                   | {"curve": r["curve"]}
                    for r in rows], f, indent=1)
     if rows:
         plot(rows, os.path.join(out_dir, "curves.png"))

@@ -129,19 +129,22 @@ MODEL_OPTIONS = ("vision", "lm", "lora_r", "lora_alpha", "lora_dropout", "lora_t
 RANGES = {"save_every": (1, None), "eval_every": (0, None), "eval_size": (0, None), "eval_batch_size": (1, None),
           "num_threads": (1, None), "stop_after_steps": (0, None), "num_train": (1, None), "num_eval": (0, None),
           "max_bad_video_fraction": (0, 1), "clip_cache_mb": (0, None), "num_frames": (1, None),
-          "sft_steps": (0, None), "sft_batch_size": (1, None), "sft_learning_rate": (0, None), "lora_r": (0, None), "lora_alpha": (1, None), "lora_dropout": (0, 0.99),
-          "num_generations": (2, None), "epsilon": (0, 1), "epsilon_high": (0, None), "beta": (0, None), "floor": (0, None),
-          "temperature": (0, None), "top_p": (1e-9, 1), "max_new_tokens": (1, None), "num_iterations": (1, None),
-          "learning_rate": (1e-12, None), "weight_decay": (0, None), "grad_clip": (1e-12, None), "warmup_steps": (0, None),
-          "batch_size": (1, None), "epochs": (1, None), "max_steps": (0, None), "max_bad_steps": (1, None),
-          "oracle_workers": (1, None), "top_k": (0, None), "repetition_penalty": (1e-6, None), "judge_timeout": (1e-3, None), "judge_max_seconds": (1e-3, None),
+          "sft_steps": (0, None), "sft_batch_size": (1, None), "sft_learning_rate": (0, None), "lora_r": (0, None),
+          "lora_alpha": (1, None), "lora_dropout": (0, 0.99), "num_generations": (2, None), "epsilon": (0, 1),
+          "epsilon_high": (0, None), "beta": (0, None), "floor": (0, None), "temperature": (0, None),
+          "top_p": (1e-9, 1), "max_new_tokens": (1, None), "num_iterations": (1, None),
+          "learning_rate": (1e-12, None), "weight_decay": (0, None), "grad_clip": (1e-12, None),
+          "warmup_steps": (0, None), "batch_size": (1, None), "epochs": (1, None), "max_steps": (0, None),
+          "max_bad_steps": (1, None), "oracle_workers": (1, None), "top_k": (0, None),
+          "repetition_penalty": (1e-6, None), "judge_timeout": (1e-3, None), "judge_max_seconds": (1e-3, None),
           "judge_max_retries": (0, None)}
 
 
 def check_options():
     """Every option's value, at start (before any data or model work), the message naming the option."""
     for name, value, choices in [("advantage", advantage, METHODS), ("dcg_kind", dcg_kind, DCG_KINDS),
-                                 ("bound", bound, BOUNDS), ("scale_rewards", scale_rewards, SCALES), ("ratio_policy", ratio_policy, ("rollout", "reference")),
+                                 ("bound", bound, BOUNDS), ("scale_rewards", scale_rewards, SCALES),
+                                 ("ratio_policy", ratio_policy, ("rollout", "reference")),
                                  ("loss_type", loss_type, LOSS_TYPES), ("loss_agg", loss_agg, ("", "sequence", "token")),
                                  ("oracle", oracle, ORACLE_NAMES), ("template", template, TEMPLATES),
                                  ("vision_post_layernorm", vision_post_layernorm, ("auto", "true", "false")),
@@ -402,12 +405,14 @@ def main(argv):
             append_jsonl(metrics_path, row)
             report(writer, "train", row, step)
             bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['sample_accuracy']:.2f}", ndcg=f"{row['ndcg_agreement']:.2f}")
+            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['sample_accuracy']:.2f}",
+                            ndcg=f"{row['ndcg_agreement']:.2f}")
         if bad_in_a_row >= max_bad_steps:   # after its metrics line, so the run's record is complete
             last = checkpoint.latest(ckpt_dir)   # skipped steps change no weight: every checkpoint is good
+            start = sft_checkpoint or os.path.join(out_dir, "sft")
             raise RuntimeError(f"{bad_in_a_row} non-finite steps in a row at step {step}; stopping. " +
                                (f"The last good checkpoint is {last} (--resume=True continues from it)" if last else
-                                f"No checkpoint was written yet; the run started from {sft_checkpoint or os.path.join(out_dir, 'sft')}"))
+                                f"No checkpoint was written yet; the run started from {start}"))
         if eval_every and step % eval_every == 0 and step < total_steps and eval_samples:
             mid = evaluate(policy, eval_samples, batch_size=eval_batch_size, progress=False)
             if master:
