@@ -64,11 +64,16 @@ def variant_name(beta, prefix=""):
     return "/".join(p for p in (prefix, "" if beta == betas.split(",")[0] else f"beta={beta}") if p) or "default"
 
 
+def result_path(name):
+    """A run's results.json: written last by train.py, so its presence means the run finished."""
+    return os.path.join(out_dir, "runs", name, "results.json")
+
+
 def wide(cell):
     """Whether the finished runs of a cell ("rank_reward-graded-beta0") spread more than wide_spread points."""
     finished = []
     for seed in seeds.split(","):
-        path = os.path.join(out_dir, "runs", f"{cell}-s{seed}", "results.json")
+        path = result_path(f"{cell}-s{seed}")
         if os.path.exists(path):
             with open(path) as f:
                 finished.append(100 * json.load(f)["after"]["accuracy"])
@@ -137,7 +142,7 @@ def run_all(runs, sft):
     """Every unfinished run, `parallel` at a time; a run's output goes to its train.log. A failed run is
     named with its log and the others go on. -> names of the failed runs."""
     waiting = [(name, args) for name, args, _ in runs
-               if not os.path.exists(os.path.join(out_dir, "runs", name, "results.json"))]
+               if not os.path.exists(result_path(name))]
     running, failed, done = {}, [], 0
     print(f"{len(runs) - len(waiting)} of {len(runs)} runs already finished; {len(waiting)} to go, {parallel} at a time")
     while waiting or running:
@@ -174,8 +179,7 @@ def read_jsonl(path):
 def collect(runs):
     rows = []
     for name, _, info in runs:
-        run_dir = os.path.join(out_dir, "runs", name)
-        path = os.path.join(run_dir, "results.json")
+        run_dir, path = os.path.join(out_dir, "runs", name), result_path(name)
         if not os.path.exists(path):
             continue
         with open(path) as f:
