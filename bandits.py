@@ -99,7 +99,8 @@ def bandit_table(seeds_=range(5)):
     print(f"bandit: 10 answers, G=5, 8 groups/step, 300 Adam steps, {len(seeds_)} seeds; "
           "expected quality / best (1.0 = always the best answer)")
     print(f"{'method':<14} {'dcg_kind':<8} {'bound':<10} {'start':>6} {'end':>6}  {'min..max over seeds':>20}")
-    variants = [(method, "eq10", "symmetric") for method in ("lambda_floor", "lambda", "pairwise_gain", "rank_reward")]
+    variants = [(method, "eq10", "symmetric") for method in ("lambda_floor", "lambda_clamp", "lambda", "pairwise_gain",
+                                                             "rank_reward")]
     variants += [("paper", kind, bound) for kind in DCG_KINDS for bound in BOUNDS]
     for method, kind, bound in variants:
         runs = [bandit(method, kind, bound, seed=seed) for seed in seeds_]
@@ -110,7 +111,7 @@ def bandit_table(seeds_=range(5)):
           f"{len(seeds_)} seeds;\np(stop) after the word at start -> end, and the truncated fraction of the last 20 steps")
     print(f"{'method':<14} {'oracle':<10} {'p(stop)':>14} {'truncated':>10}")
     for oracle in ("reference", "graded"):
-        for method in ("lambda_floor", "lambda", "pairwise_gain", "rank_reward", "paper"):
+        for method in ("lambda_floor", "lambda_clamp", "lambda", "pairwise_gain", "rank_reward", "paper"):
             runs = [length_bandit(method, oracle, seed=seed) for seed in seeds_]
             start, end, truncated = (statistics.mean(values) for values in zip(*runs))
             print(f"{method:<14} {oracle:<10} {start:6.2f} -> {end:4.2f} {truncated:10.2f}")

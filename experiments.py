@@ -12,8 +12,9 @@ results/ablation.json, results/curves.png and README-ready tables. `parallel` ru
 `num_threads` torch threads each (a run's numbers depend on its thread count, not on what runs beside it).
 
 Runs (each is `python train.py ...` in its own process, output in results/runs/<name>/):
-  default:  advantage paper | lambda | lambda_floor | rank_reward | pairwise_gain  x  oracle reference | graded  x  seeds
-            (lambda_floor, rival at beta 0.04, a cell whose seeds spread wider than wide_spread: default_seeds;
+  default:  advantage paper | lambda | lambda_floor | lambda_clamp | rank_reward | pairwise_gain  x  oracle reference
+            | graded  x  seeds (lambda_floor, rival at beta 0.04, a cell whose seeds spread wider than wide_spread:
+            default_seeds;
             spread is judged on the runs finished when experiments.py starts: rerun it to add a wide cell's seeds)
   beta=0:   the same without the KL term (paper excepted: it does not learn with it)
   floor=...: lambda_floor at its other floors (train.py's --floor is grpo_rank.FLOOR), as the default runs
@@ -55,7 +56,7 @@ report = False             # only collect, plot and print
 num_threads = 1
 parallel = 2               # runs at a time
 # -----------------------------------------------------------------------------
-METHODS = ("paper", "lambda", "lambda_floor", "rank_reward", "pairwise_gain")
+METHODS = ("paper", "lambda", "lambda_floor", "lambda_clamp", "rank_reward", "pairwise_gain")
 ORACLES = ("reference", "graded")
 
 

@@ -9,15 +9,17 @@ The paper is inconsistent in places; every choice is a keyword:
   bound     "symmetric" min/max of the two DCGs, delta in [0, 1) as the paper states (default)
             | "literal" DCG(pred)/DCG(true) as printed in Eq. 9 (can exceed 1)
   method    "paper" Eq. 7-8 as printed, on Eq. 9's penalty under `bound` | "lambda" LambdaRank-style, "lambda_floor"
-            with a floor | "rank_reward" GRPO (Eq. 5) on (G-1-rank)/(G-1) | "pairwise_gain" (rank_advantages)
+            with a floor added, "lambda_clamp" clamped below by it | "rank_reward" GRPO (Eq. 5) on (G-1-rank)/(G-1)
+            | "pairwise_gain" (rank_advantages)
 The paper's advantage rewards the policy's ranking *agreeing* with the Oracle's, not quality: it fails
 where the others learn (`python experiments.py --study=bandit`; README, Results).
 """
 import torch
 
 DCG_KINDS, BOUNDS, LOSS_TYPES = ("eq10", "eq11", "table3"), ("symmetric", "literal"), ("grpo", "bnpo", "dr_grpo", "dapo")
-METHODS, SCALES = ("lambda", "lambda_floor", "paper", "rank_reward", "pairwise_gain"), ("group", "batch", "none")
-FLOOR = 0.1    # lambda_floor: the push every ordered pair gets whatever the policy's log-probs, per unit of gain gap
+METHODS = ("lambda", "lambda_floor", "lambda_clamp", "paper", "rank_reward", "pairwise_gain")
+SCALES = ("group", "batch", "none")
+FLOOR = 0.1    # lambda_floor, lambda_clamp: the least push an ordered pair gets, per unit of gain gap
 
 
 def _check_choice(name, value, choices):
@@ -72,7 +74,7 @@ def rank_advantages(oracle_rank, seq_logp, method="lambda_floor", dcg_kind="eq10
     line 8 -> advantages (B, G) float, no gradient, zero-sum per group. Ranks with ties are read as
     competition ranks (dense 0, 0, 1 -> 0, 0, 2). scale_rewards (TRL's): rank_reward and pairwise_gain
     are divided by the std + 1e-4 of their group ("group"), of the batch ("batch"), or not ("none").
-    floor: lambda_floor's FLOOR."""
+    floor: lambda_floor's and lambda_clamp's FLOOR."""
     for name, value, choices in (("method", method, METHODS), ("dcg_kind", dcg_kind, DCG_KINDS), ("bound", bound, BOUNDS),
                                  ("scale_rewards", scale_rewards, SCALES)):
         _check_choice(name, value, choices)
@@ -93,14 +95,16 @@ def rank_advantages(oracle_rank, seq_logp, method="lambda_floor", dcg_kind="eq10
     if method == "paper":   # with G = 2 and the symmetric bound both deltas are equal, so A = 0
         delta = ndcg_penalty(policy_rank, oracle_rank, dcg_kind, bound)   # Eq. 9
         return delta.mean(-1, keepdim=True) - delta                       # Eq. 7-8
-    if method in ("lambda", "lambda_floor"):
+    if method in ("lambda", "lambda_floor", "lambda_clamp"):
         # each pair (i, j) the Oracle orders i above j pushes i up and j down by |Delta nDCG_ij| * sigmoid(l_j - l_i):
         # the nDCG change if the policy swapped them (gains DCG(oracle rank), discounts DCG(policy rank), Eq. 9-10)
         # times ~1 for a mis-ordered pair, 1/2 for a tie, fading as the pair is ordered. "lambda" collapses at beta 0:
-        # an unlikely (long) response is barely pushed down. "lambda_floor" adds floor * |g_i - g_j|, escaped by none.
+        # an unlikely (long) response is barely pushed down. "lambda_floor" adds floor * |g_i - g_j|, escaped by none;
+        # "lambda_clamp" takes the larger of the two: lambda's push where it has not faded, the floor where it has.
         swap = (gap * (discount.unsqueeze(2) - discount.unsqueeze(1))).abs()
         weight, norm = torch.sigmoid(seq_logp[:, None] - seq_logp[:, :, None]), (gain * gain).sum(-1)[:, None, None]
-        lambdas = swap / norm * weight if method == "lambda" else (floor * gap.abs() + swap * weight) / norm
+        lambdas = {"lambda": swap * weight, "lambda_floor": floor * gap.abs() + swap * weight,
+                   "lambda_clamp": torch.maximum(floor * gap.abs(), swap * weight)}[method] / norm
         return (lambdas * prefers).sum(2) - (lambdas * prefers).sum(1)
     if method == "rank_reward":   # Eq. 5 on the reward (G-1-rank)/(G-1)
         reward = (group_size - 1 - oracle_rank).to(gain.dtype) / max(group_size - 1, 1)

@@ -201,6 +201,30 @@ def test_lambda_floor_pushes_an_unlikely_loser_down_and_is_lambda_plus_the_floor
     assert torch.allclose(doubled - lam, 2 * (floor - lam), atol=1e-7)
 
 
+def test_lambda_clamp_is_lambda_where_it_pushes_hard_and_the_floor_where_lambda_fades():
+    # pair (0, 1) is mis-ordered by the policy (lambda pushes hard), pair (0, 3) is ordered by 59 nats (faded)
+    oracle_rank, seq_logp = long(0, 1, 1, 1), torch.tensor([[-2.0, -1.0, -2.5, -60.0]])
+    gain = 1.0 / torch.log2(2.0 + torch.tensor([0.0, 1.0, 1.0, 1.0]))           # Eq. 10 of the Oracle ranks
+    discount = 1.0 / torch.log2(2.0 + torch.tensor([1.0, 0.0, 2.0, 3.0]))       # Eq. 10 of the policy ranks
+    norm, gap = (gain * gain).sum(), gain[0] - gain[1:]
+    swap = gap * (discount[0] - discount[1:]).abs() * torch.sigmoid(seq_logp[0, 1:] - seq_logp[0, 0])
+    expected = torch.maximum(FLOOR * gap, swap) / norm                           # pairs (0, 1), (0, 2), (0, 3)
+    clamp = rank_advantages(oracle_rank, seq_logp, "lambda_clamp")[0]
+    assert swap[0] > FLOOR * gap[0] and swap[2] < 1e-3 * FLOOR * gap[2]           # one of each kind
+    assert torch.allclose(clamp[1:], -expected, atol=1e-7) and clamp[0].item() == pytest.approx(expected.sum().item())
+    # never below lambda or the floor alone, never above their sum; floor 0 is plain lambda
+    lam, floor = rank_advantages(oracle_rank, seq_logp, "lambda")[0], rank_advantages(oracle_rank, seq_logp, "lambda_floor")[0]
+    assert clamp[0] >= lam[0] and clamp[0] < floor[0]
+    assert torch.allclose(rank_advantages(oracle_rank, seq_logp, "lambda_clamp", floor=0.0)[0], lam, rtol=1e-6, atol=0)
+    # the price: a false promotion is penalised only where it costs more nDCG than the floor, at the top, not
+    # between ranks 2 and 3 (|dDCG| 0.07 sigma(1) < FLOOR), where lambda_floor penalises it
+    agree, ranks = torch.tensor([[-1.0, -2.0, -3.0, -4.0]]), long(0, 1, 2, 3)
+    top, bottom = torch.tensor([[-2.0, -1.0, -3.0, -4.0]]), torch.tensor([[-1.0, -2.0, -4.0, -3.0]])
+    base = rank_advantages(ranks, agree, "lambda_clamp")[0]
+    assert rank_advantages(ranks, top, "lambda_clamp")[0, 1] < base[1]
+    assert torch.equal(rank_advantages(ranks, bottom, "lambda_clamp")[0], base)
+
+
 def test_group_ndcg_is_one_when_orders_agree():
     assert group_ndcg(long(0, 1, 2), long(0, 1, 2)).item() == pytest.approx(1.0)
     assert group_ndcg(long(2, 1, 0), long(0, 1, 2)).item() < 1.0
@@ -303,7 +327,7 @@ def test_grpo_vs_bnpo_aggregation():
 # ----------------------------------------------------------------------------- the bandit
 
 def test_bandit_lambda_and_rank_reward_learn_and_report_paper(capsys):
-    for method in ("lambda", "lambda_floor", "rank_reward", "pairwise_gain"):
+    for method in ("lambda", "lambda_floor", "lambda_clamp", "rank_reward", "pairwise_gain"):
         for seed in range(3):
             start, end = bandit(method, seed=seed)
             assert end > 0.9 and end - start > 0.5 * (1 - start), (method, seed, start, end)
@@ -314,11 +338,11 @@ def test_bandit_lambda_and_rank_reward_learn_and_report_paper(capsys):
 
 
 @pytest.mark.parametrize("oracle", ["reference", "graded"])
-@pytest.mark.parametrize("method", ["lambda_floor", "pairwise_gain"])
+@pytest.mark.parametrize("method", ["lambda_floor", "lambda_clamp", "pairwise_gain"])
 def test_length_bandit_lambda_collapses_at_beta_0_and_the_floored_pushes_do_not(oracle, method):
     # lambda's pair weight sigmoid(l_j - l_i) spares an unlikely (long) loser, so at beta 0 the answers
     # lengthen until every one is cut at max_len; a push that does not fade with the policy's log-prob
-    # (lambda_floor's floor, pairwise_gain's gain gap) keeps them short.
+    # (the floor of lambda_floor and lambda_clamp, pairwise_gain's gain gap) keeps them short.
     _, stop_lambda, truncated_lambda = length_bandit("lambda", oracle, steps=150)
     start, stop, truncated = length_bandit(method, oracle, steps=150)
     assert truncated_lambda > 0.9 and stop_lambda < 0.05, (truncated_lambda, stop_lambda)

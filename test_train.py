@@ -652,6 +652,7 @@ def test_experiment_plan_gives_five_seeds_to_the_default_and_to_cells_that_sprea
         return sorted(int(name.rsplit("-s", 1)[1]) for name, _, _ in module.plan() if name.rsplit("-s", 1)[0] == cell)
 
     assert seeds_of("lambda_floor-graded") == [0, 1, 2, 3, 4] and seeds_of("rank_reward-graded") == [0, 1, 2]
+    assert seeds_of("lambda_clamp-reference-beta0") == [0, 1, 2]
     assert seeds_of("lambda-graded") == [0, 1, 2, 3, 4] and seeds_of("lambda-graded-beta0") == [0, 1, 2]   # the rival
     finish("rank_reward-graded-s0", 0.60)
     finish("rank_reward-graded-s1", 0.64)          # std 2.8 points: narrow

@@ -80,11 +80,12 @@ lora_alpha = 16
 lora_dropout = 0.0
 lora_target_modules = "q_proj,k_proj,v_proj,o_proj"
 # GRPO_rank (paper Sec. 4)
-advantage = "lambda_floor"   # | "lambda" (collapses at beta 0) | "paper" (Eq. 7-8) | "rank_reward" | "pairwise_gain"
+advantage = "lambda_floor"   # | "lambda_clamp" | "lambda" (collapses at beta 0) | "paper" (Eq. 7-8) | "rank_reward"
+                             # | "pairwise_gain"
 dcg_kind = "eq10"            # "eq10" | "eq11" | "table3"
 bound = "symmetric"          # "symmetric" | "literal" (Eq. 9 as printed)
 scale_rewards = "group"      # rank_reward / pairwise_gain over the std of: "group" | "batch" (this process's) | "none"
-floor = 0.1                  # lambda_floor: every worse response's push, per unit of gain gap, however unlikely it is
+floor = 0.1                  # lambda_floor / lambda_clamp: a worse response's least push, per unit of gain gap
 ratio_policy = "rollout"     # "rollout": standard GRPO; "reference": Eq. 4/6 read literally (pi_old = pi_ref)
 num_generations = 8          # G (the paper: 5)
 epsilon = 0.2
