@@ -15,7 +15,8 @@ Runs (each is `python train.py ...` in its own process, output in results/runs/<
   default:  advantage paper | lambda | lambda_floor | lambda_clamp | rank_reward | pairwise_gain  x  oracle reference
             | graded  x  seeds (lambda_floor, rival at beta 0.04, a cell whose seeds spread wider than wide_spread:
             default_seeds;
-            spread is judged on the runs finished when experiments.py starts: rerun it to add a wide cell's seeds)
+            spread is judged on the runs finished when experiments.py starts: rerun it to add a wide cell's seeds;
+            bar_seeds: lambda_floor and rival at beta 0.04 only)
   beta=0:   the same without the KL term (paper excepted: it does not learn with it)
   floor=...: lambda_floor at its other floors (train.py's --floor is grpo_rank.FLOOR), as the default runs
   lr=...:   each method but paper at the other learning rates (reference Oracle, first seed)
@@ -42,6 +43,8 @@ default_seeds = "0,1,2,3,4"   # train.py's advantage (lambda_floor), the one use
 rival = "lambda"           # the advantage the default must match (the issue's bar): default_seeds too, at the
                            # default beta (without the KL term it collapses on every seed)
 wide_spread = 5.0          # points: a cell whose finished seeds spread wider (std) also gets default_seeds
+bar_seeds = "5,6,7,8,9"    # the issue's bar hinges on the default against its rival at the default beta, 2 standard
+                           # errors apart at 5 seeds: 5 more each, both Oracles, fixed before any of them ran
 max_steps = 800            # where the curves have flattened (200 stopped them rising)
 epochs = 7                 # 125 steps per epoch: enough epochs for max_steps
 eval_every = 100
@@ -85,14 +88,18 @@ def plan():
     """[(name, train.py overrides, row info)] for every run, the first seed of everything first."""
     runs, seed_list = [], seeds.split(",")
     default_beta, *other_betas = betas.split(",")
-    for index, seed in enumerate(seed_list + [s for s in default_seeds.split(",") if s not in seed_list]):
+    extra = [s for s in default_seeds.split(",") + (bar_seeds.split(",") if bar_seeds else []) if s not in seed_list]
+    for index, seed in enumerate(seed_list + list(dict.fromkeys(extra))):
         for beta in [default_beta] + other_betas:
             for oracle in ORACLES:
                 for method in METHODS:
                     if method == "paper" and beta != default_beta:
                         continue
                     tag = "" if beta == default_beta else f"-beta{beta}"
-                    if (seed not in seed_list and method != "lambda_floor" and (method, beta) != (rival, default_beta)
+                    bar_run = method in ("lambda_floor", rival) and beta == default_beta
+                    if seed not in default_seeds.split(",") + seed_list and not bar_run:
+                        continue   # bar_seeds: the default and its rival at the default beta only
+                    if (seed not in seed_list and method != "lambda_floor" and not bar_run
                             and not wide(f"{method}-{oracle}{tag}")):
                         continue   # default_seeds' extra seeds: the default, its rival, cells with a wide spread
                     runs.append((f"{method}-{oracle}{tag}-s{seed}",

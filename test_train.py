@@ -638,7 +638,7 @@ def test_two_torchrun_nodes_on_loopback_then_resume_on_one_process(synth, tmp_pa
 def test_experiment_plan_gives_five_seeds_to_the_default_and_to_cells_that_spread(tmp_path):
     """3 seeds per cell; default_seeds for lambda_floor, for its rival (lambda) at the default beta, and for a
     cell whose finished seeds spread more than wide_spread points (std): the issue's '5 seeds where the spread
-    is large'."""
+    is large'; bar_seeds for the default and its rival at the default beta only."""
     import experiments
     module = importlib.reload(experiments)
     module.out_dir = str(tmp_path)
@@ -651,9 +651,15 @@ def test_experiment_plan_gives_five_seeds_to_the_default_and_to_cells_that_sprea
     def seeds_of(cell):
         return sorted(int(name.rsplit("-s", 1)[1]) for name, _, _ in module.plan() if name.rsplit("-s", 1)[0] == cell)
 
-    assert seeds_of("lambda_floor-graded") == [0, 1, 2, 3, 4] and seeds_of("rank_reward-graded") == [0, 1, 2]
+    assert seeds_of("lambda_floor-graded")[:5] == [0, 1, 2, 3, 4] and seeds_of("rank_reward-graded") == [0, 1, 2]
     assert seeds_of("lambda_clamp-reference-beta0") == [0, 1, 2]
-    assert seeds_of("lambda-graded") == [0, 1, 2, 3, 4] and seeds_of("lambda-graded-beta0") == [0, 1, 2]   # the rival
+    assert seeds_of("lambda-graded-beta0") == [0, 1, 2]                        # the rival, at the default beta only
+    module.bar_seeds = ""
+    assert seeds_of("lambda-graded") == [0, 1, 2, 3, 4] and seeds_of("lambda_floor-graded-beta0") == [0, 1, 2, 3, 4]
+    module.bar_seeds = "5,6"       # the bar's comparison: the default and its rival at the default beta, both Oracles
+    assert seeds_of("lambda-reference") == seeds_of("lambda_floor-graded") == [0, 1, 2, 3, 4, 5, 6]
+    assert seeds_of("lambda_floor-graded-beta0") == [0, 1, 2, 3, 4] and seeds_of("pairwise_gain-graded") == [0, 1, 2]
+    module.bar_seeds = ""
     finish("rank_reward-graded-s0", 0.60)
     finish("rank_reward-graded-s1", 0.64)          # std 2.8 points: narrow
     assert seeds_of("rank_reward-graded") == [0, 1, 2]
