@@ -13,10 +13,9 @@ results/ablation.json, results/curves.png and README-ready tables. `parallel` ru
 
 Runs (each is `python train.py ...` in its own process, output in results/runs/<name>/):
   default:  advantage paper | lambda | lambda_floor | lambda_clamp | rank_reward | pairwise_gain  x  oracle reference
-            | graded  x  seeds (lambda_floor, rival at beta 0.04, a cell whose seeds spread wider than wide_spread:
-            default_seeds;
-            spread is judged on the runs finished when experiments.py starts: rerun it to add a wide cell's seeds;
-            bar_seeds: lambda_floor and rival at beta 0.04 only)
+            | graded  x  seeds; default_seeds for lambda_floor, for rival at beta 0.04 and for a cell whose seeds
+            spread wider than wide_spread (judged on the runs finished when experiments.py starts: rerun it to add
+            a wide cell's seeds); bar_seeds too for lambda_floor and rival at beta 0.04
   beta=0:   the same without the KL term (paper excepted: it does not learn with it)
   floor=...: lambda_floor at its other floors (train.py's --floor is grpo_rank.FLOOR), as the default runs
   lr=...:   each method but paper at the other learning rates (reference Oracle, first seed)

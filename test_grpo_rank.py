@@ -212,7 +212,7 @@ def test_lambda_clamp_is_lambda_where_it_pushes_hard_and_the_floor_where_lambda_
     clamp = rank_advantages(oracle_rank, seq_logp, "lambda_clamp")[0]
     assert swap[0] > FLOOR * gap[0] and swap[2] < 1e-3 * FLOOR * gap[2]           # one of each kind
     assert torch.allclose(clamp[1:], -expected, atol=1e-7) and clamp[0].item() == pytest.approx(expected.sum().item())
-    # never below lambda or the floor alone, never above their sum; floor 0 is plain lambda
+    # between lambda and lambda_floor (the max of two non-negative terms, not their sum); floor 0 is plain lambda
     lam, floor = rank_advantages(oracle_rank, seq_logp, "lambda")[0], rank_advantages(oracle_rank, seq_logp, "lambda_floor")[0]
     assert clamp[0] >= lam[0] and clamp[0] < floor[0]
     assert torch.allclose(rank_advantages(oracle_rank, seq_logp, "lambda_clamp", floor=0.0)[0], lam, rtol=1e-6, atol=0)
