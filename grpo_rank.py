@@ -103,8 +103,12 @@ def rank_advantages(oracle_rank, seq_logp, method="lambda_floor", dcg_kind="eq10
         # "lambda_clamp" takes the larger of the two: lambda's push where it has not faded, the floor where it has.
         swap = (gap * (discount.unsqueeze(2) - discount.unsqueeze(1))).abs()
         weight, norm = torch.sigmoid(seq_logp[:, None] - seq_logp[:, :, None]), (gain * gain).sum(-1)[:, None, None]
-        lambdas = {"lambda": swap * weight, "lambda_floor": floor * gap.abs() + swap * weight,
-                   "lambda_clamp": torch.maximum(floor * gap.abs(), swap * weight)}[method] / norm
+        lambdas = swap * weight
+        if method == "lambda_floor":
+            lambdas = floor * gap.abs() + lambdas
+        elif method == "lambda_clamp":
+            lambdas = torch.maximum(floor * gap.abs(), lambdas)
+        lambdas = lambdas / norm
         return (lambdas * prefers).sum(2) - (lambdas * prefers).sum(1)
     if method == "rank_reward":   # Eq. 5 on the reward (G-1-rank)/(G-1)
         reward = (group_size - 1 - oracle_rank).to(gain.dtype) / max(group_size - 1, 1)
