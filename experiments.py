@@ -85,7 +85,8 @@ def wide(cell):
 
 def plan():
     """[(name, train.py overrides, row info)] for every run, the first seed of everything first."""
-    runs, seed_list, five_seeds = [], seeds.split(","), seeds.split(",") + default_seeds.split(",")
+    runs, seed_list = [], seeds.split(",")
+    default_seed_list = seed_list + default_seeds.split(",")
     default_beta, *other_betas = betas.split(",")
     extra = [s for s in default_seeds.split(",") + (bar_seeds.split(",") if bar_seeds else []) if s not in seed_list]
     for index, seed in enumerate(seed_list + list(dict.fromkeys(extra))):
@@ -96,7 +97,7 @@ def plan():
                         continue
                     tag = "" if beta == default_beta else f"-beta{beta}"
                     bar_run = method in ("lambda_floor", rival) and beta == default_beta
-                    if seed not in five_seeds and not bar_run:
+                    if seed not in default_seed_list and not bar_run:
                         continue   # bar_seeds: the default and its rival at the default beta only
                     if (seed not in seed_list and method != "lambda_floor" and not bar_run
                             and not wide(f"{method}-{oracle}{tag}")):
