@@ -204,8 +204,32 @@ def collect(runs):
                      "oracle_rank": [(m["step"], m["mean_oracle_rank"]) for m in metrics],
                      "sample_accuracy": [(m["step"], m["sample_accuracy"]) for m in metrics],
                      "truncated_last50": statistics.mean(m["truncated_fraction"] for m in metrics[-50:])
-                                         if metrics else 0.0})
+                                         if metrics else 0.0,
+                     "last100": {key: statistics.mean(m[key] for m in metrics[-100:]) for key in LATE_KEYS}
+                                if metrics else {}})
     return rows
+
+
+LATE_KEYS = ("sample_accuracy", "entropy", "mean_abs_advantage", "kl")   # metrics.jsonl, averaged over the last 100 steps
+
+
+def late_table(rows):
+    """What the policy does at the end of training, per method and Oracle at the default beta: held-out accuracy
+    beside the last 100 steps' means of the training metrics (sampled accuracy on training prompts at
+    temperature 1, per-token entropy, mean |advantage|, KL to the reference), each averaged over seeds."""
+    lines = ["| method | Oracle | seeds | held-out % | sampled % (last 100 steps) | entropy | mean abs advantage | KL |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for method in METHODS:
+        for oracle in ORACLES:
+            picked = [r for r in rows if (r["method"], r["oracle"], r["variant"]) == (method, oracle, "default")
+                      and r.get("last100")]
+            if not picked:
+                continue
+            late = {key: statistics.mean(r["last100"][key] for r in picked) for key in LATE_KEYS}
+            lines.append(f"| {method} | {oracle} | {len(picked)} | {100 * statistics.mean(r['after'] for r in picked):.1f} "
+                         f"| {100 * late['sample_accuracy']:.1f} | {late['entropy']:.2f} | {late['mean_abs_advantage']:.3f} "
+                         f"| {late['kl']:.4f} |")
+    return "\n".join(lines)
 
 
 def collapsed(row):
@@ -397,6 +421,8 @@ def main(argv):
     for oracle in ORACLES:
         print(f"\nby category, {oracle} Oracle, beta {betas.split(',')[0]}, mean ± std over seeds\n")
         print(table(rows, oracle))
+    print(f"\nthe end of training, beta {betas.split(',')[0]}: held-out accuracy and the last 100 steps' means, over seeds\n")
+    print(late_table(rows))
     if floors:
         print(f"\nlambda_floor by floor (train.py's: {FLOOR:g}), mean ± std over seeds (gain over the warm start)\n")
         print(summary_table(rows, by_floor=True))

@@ -1,18 +1,13 @@
 """
-GRPO_rank: rank-based advantages and the clipped GRPO loss (Oracle-RLAIF, Sec. 4). An Oracle ranks
-the G responses the policy sampled for one prompt; this file turns those ranks into advantages and
-the advantages into a loss. Pure torch, no project imports: copy it. Ranks are integer tensors, 0 =
-best, (B, G) for B prompts of G responses; ties share their best rank (scores 9, 7, 7, 3: 0, 1, 1, 3).
-The paper is inconsistent in places; every choice is a keyword:
-  dcg_kind  "eq10" 1/log2(2+r) (Eq. 10, default) | "eq11" 1/((1+r) log2(2+r)) (Eq. 11)
-            | "table3" log2(2+r)/(1+r) (the only one matching Table 3)
-  bound     "symmetric" min/max of the two DCGs, delta in [0, 1) as the paper states (default)
-            | "literal" DCG(pred)/DCG(true) as printed in Eq. 9 (can exceed 1)
-  method    "paper" Eq. 7-8 as printed, on Eq. 9's penalty under `bound` | "lambda" LambdaRank-style, "lambda_floor"
-            with a floor added, "lambda_clamp" clamped below by it | "rank_reward" GRPO (Eq. 5) on (G-1-rank)/(G-1)
-            | "pairwise_gain" (rank_advantages)
-The paper's advantage rewards the policy's ranking *agreeing* with the Oracle's, not quality: it fails
-where the others learn (`python experiments.py --study=bandit`; README, Results).
+GRPO_rank: rank-based advantages and the clipped GRPO loss (Oracle-RLAIF, Sec. 4). An Oracle ranks the G
+responses the policy sampled for a prompt; this file turns the ranks into advantages and those into a loss.
+Pure torch, no project imports: copy it. Ranks are integer (B, G) tensors, B prompts of G responses, 0 = best;
+ties share their best rank (scores 9, 7, 7, 3: 0, 1, 1, 3). Where the paper is inconsistent, each choice is a keyword:
+  dcg_kind  "eq10" 1/log2(2+r) (Eq. 10, default) | "eq11" 1/((1+r) log2(2+r)) | "table3" log2(2+r)/(1+r) (fits Table 3)
+  bound     "symmetric" min/max of the two DCGs, delta in [0, 1) as the paper states (default) | "literal" Eq. 9 as printed
+  method    "lambda_floor" (default) | "lambda" | "lambda_clamp" | "paper" (Eq. 7-8 as printed) | "rank_reward" (Eq. 5)
+            | "pairwise_gain": see rank_advantages. "paper" rewards the policy's ranking for *agreeing* with the
+            Oracle's, not a response for being good: it fails where the others learn (README, Results).
 """
 import torch
 
@@ -96,11 +91,10 @@ def rank_advantages(oracle_rank, seq_logp, method="lambda_floor", dcg_kind="eq10
         delta = ndcg_penalty(policy_rank, oracle_rank, dcg_kind, bound)   # Eq. 9
         return delta.mean(-1, keepdim=True) - delta                       # Eq. 7-8
     if method in ("lambda", "lambda_floor", "lambda_clamp"):
-        # each pair (i, j) the Oracle orders i above j pushes i up and j down by |Delta nDCG_ij| * sigmoid(l_j - l_i):
-        # the nDCG change if the policy swapped them (gains DCG(oracle rank), discounts DCG(policy rank), Eq. 9-10)
-        # times ~1 for a mis-ordered pair, 1/2 for a tie, fading as the pair is ordered. "lambda" collapses at beta 0:
-        # an unlikely (long) response is barely pushed down. "lambda_floor" adds floor * |g_i - g_j|, escaped by none;
-        # "lambda_clamp" takes the larger of the two: lambda's push where it has not faded, the floor where it has.
+        # each pair (i, j) the Oracle orders i above j pushes i up and j down by |Delta nDCG_ij| * sigmoid(l_j - l_i): the
+        # nDCG change if the policy swapped them (gains DCG(oracle rank), discounts DCG(policy rank), Eq. 9-10) times ~1
+        # for a mis-ordered pair, fading as it is ordered. "lambda" collapses at beta 0: an unlikely (long) response is
+        # barely pushed down. "lambda_floor" adds floor * |g_i - g_j|, escaped by none; "lambda_clamp" takes the larger.
         swap = (gap * (discount.unsqueeze(2) - discount.unsqueeze(1))).abs()
         weight, norm = torch.sigmoid(seq_logp[:, None] - seq_logp[:, :, None]), (gain * gain).sum(-1)[:, None, None]
         lambdas = swap * weight
@@ -115,9 +109,8 @@ def rank_advantages(oracle_rank, seq_logp, method="lambda_floor", dcg_kind="eq10
         advantages = reward - reward.mean(-1, keepdim=True)
     else:
         # pairwise_gain: each pair the Oracle orders i above j pushes i up and j down by (g_i - g_j) * (1 + [d_j - d_i]_+),
-        # g = DCG(oracle rank), d = DCG(policy rank). The first factor alone is GRPO on the DCG gain (top positions
-        # matter most) and does not depend on the policy, so no response escapes its push by becoming unlikely; the
-        # second adds the nDCG the policy loses by ranking the worse response above the better (false promotion).
+        # g = DCG(oracle rank), d = DCG(policy rank): GRPO on the DCG gain, which no response escapes by becoming
+        # unlikely, plus the nDCG the policy loses by ranking the worse response above the better (false promotion).
         regret = (discount.unsqueeze(1) - discount.unsqueeze(2)).clamp(min=0)       # [b,i,j]: d_j - d_i
         lambdas = gap * (1.0 + regret) * prefers
         reward = advantages = lambdas.sum(2) - lambdas.sum(1)
@@ -176,7 +169,6 @@ def grpo_rank_loss(logp, old_logp, ref_logp, advantages, mask, epsilon=0.2, epsi
     with torch.no_grad():
         clipped = ((ratio < 1.0 - epsilon) & (adv < 0)) | ((ratio > 1.0 + epsilon_high) & (adv > 0))
         stats = {"clip_fraction": masked_mean(clipped.to(logp.dtype), mask, "bnpo").item(),
-                 "ratio": masked_mean(ratio, mask, "bnpo").item(),
-                 "kl": masked_mean(kl, mask, "bnpo").item(),
+                 "ratio": masked_mean(ratio, mask, "bnpo").item(), "kl": masked_mean(kl, mask, "bnpo").item(),
                  "entropy": masked_mean(entropy, mask, "bnpo").item() if entropy is not None else 0.0}
     return loss, stats

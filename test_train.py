@@ -669,3 +669,29 @@ def test_experiment_plan_gives_five_seeds_to_the_default_and_to_cells_that_sprea
     extra = [info for name, _, info in module.plan() if name == "rank_reward-graded-s4"]
     assert extra == [{"method": "rank_reward", "variant": "default", "oracle": "graded", "seed": 4}]
     importlib.reload(experiments)
+
+
+def test_late_table_averages_each_runs_last_100_steps_then_the_seeds(tmp_path):
+    """collect() keeps the mean of the last 100 metrics.jsonl lines per run; late_table() averages them over the
+    seeds of a method and Oracle at the default beta, beside the held-out accuracy."""
+    import experiments
+    module = importlib.reload(experiments)
+    module.out_dir = str(tmp_path)
+    for seed, (after, shift) in enumerate([(0.9, 0.0), (0.8, 1.0)]):
+        run_dir = tmp_path / "runs" / f"lambda-graded-s{seed}"
+        os.makedirs(run_dir)
+        scores = {"accuracy": after, "by_category": {"count": {"accuracy": after}}}
+        with open(run_dir / "results.json", "w") as f:
+            json.dump({"before": {**scores, "accuracy": 0.3}, "after": scores, "config": {"max_steps": 150},
+                       "seconds": {"rl": 1.0}}, f)
+        with open(run_dir / "metrics.jsonl", "w") as f:
+            for step in range(1, 151):   # entropy = step + shift: the last 100 steps (51-150) average 100.5 + shift
+                f.write(json.dumps({"step": step, "mean_oracle_rank": 1.0, "sample_accuracy": 0.5, "truncated_fraction": 0.0,
+                                    "entropy": step + shift, "mean_abs_advantage": 0.04, "kl": 0.006}) + "\n")
+    info = {"method": "lambda", "variant": "default", "oracle": "graded"}
+    rows = module.collect([(f"lambda-graded-s{seed}", [], {**info, "seed": seed}) for seed in (0, 1)])
+    assert [r["last100"]["entropy"] for r in rows] == [100.5, 101.5]
+    rows.append({**rows[0], "variant": "beta=0", "after": 0.0})      # another beta: not in the table
+    lines = module.late_table(rows).splitlines()
+    assert lines[2:] == ["| lambda | graded | 2 | 85.0 | 50.0 | 101.00 | 0.040 | 0.0060 |"]
+    importlib.reload(experiments)
