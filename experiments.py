@@ -21,6 +21,7 @@ Runs (each is `python train.py ...` in its own process, output in results/runs/<
   lr=...:   each method but paper at the other learning rates (reference Oracle, first seed)
   variants: advantage=paper with dcg_kind eq10 | eq11 | table3, bound symmetric | literal,
             ratio_policy rollout | reference (reference Oracle, first seed)
+  probes:   PROBES, single-seed questions about the default and its rival (both Oracles, first seed)
 """
 import json
 import os
@@ -58,8 +59,15 @@ report = False             # only collect, plot and print
 num_threads = 1
 parallel = 2               # runs at a time
 # -----------------------------------------------------------------------------
+probes = True             # also PROBES
 METHODS = ("paper", "lambda", "lambda_floor", "lambda_clamp", "rank_reward", "pairwise_gain")
 ORACLES = ("reference", "graded")
+# (name tag, variant, method, train.py overrides): what lambda's lead with the KL term is made of, and how far it holds
+PROBES = [("beta0.01", "beta=0.01", "lambda", ["--beta=0.01"]),     # a quarter of the KL term: does lambda still hold?
+          ("steps1600", "steps=1600", "lambda", ["--max_steps=1600", "--epochs=13"]),   # twice the horizon, where
+          ("steps1600", "steps=1600", "lambda_floor", ["--max_steps=1600", "--epochs=13"]),  # lambda's entropy still rises
+          ("ent0.004", "entropy_coef=0.004", "lambda_floor", ["--entropy_coef=0.004"]),   # the default with lambda's entropy
+          ("ent0.004-beta0", "entropy_coef=0.004/beta=0", "lambda_floor", ["--entropy_coef=0.004", "--beta=0"])]
 
 
 def variant_name(beta, prefix=""):
@@ -117,6 +125,11 @@ def plan():
                     runs.append((f"{method}-reference-lr{lr}-s{seed}",
                                  [f"--advantage={method}", f"--learning_rate={lr}", f"--seed={seed}"],
                                  {"method": method, "variant": f"lr={lr}", "oracle": "reference", "seed": int(seed)}))
+    for tag, variant, method, overrides in PROBES if probes else []:
+        for oracle in ORACLES:
+            runs.append((f"{method}-{oracle}-{tag}-s{seed_list[0]}",
+                         [f"--advantage={method}", f"--oracle={oracle}", *overrides, f"--seed={seed_list[0]}"],
+                         {"method": method, "variant": variant, "oracle": oracle, "seed": int(seed_list[0])}))
     if variants:
         seed = seed_list[0]
         for dcg_kind in ("eq10", "eq11", "table3"):
@@ -229,6 +242,21 @@ def late_table(rows):
             lines.append(f"| {method} | {oracle} | {len(picked)} | {100 * statistics.mean(r['after'] for r in picked):.1f} "
                          f"| {100 * late['sample_accuracy']:.1f} | {late['entropy']:.2f} | {late['mean_abs_advantage']:.3f} "
                          f"| {late['kl']:.4f} |")
+    return "\n".join(lines)
+
+
+def probe_table(rows):
+    """The PROBES' runs beside the same method's run at the same seed and Oracle in the main grid."""
+    lines = ["| probe | method | Oracle | held-out % | entropy (last 100 steps) | collapsed | the same run without the probe |",
+             "| --- | --- | --- | --- | --- | --- | --- |"]
+    for _, variant, method, _ in PROBES:
+        for oracle in ORACLES:
+            for r in [r for r in rows if (r["method"], r["oracle"], r["variant"]) == (method, oracle, variant)]:
+                base = [b for b in rows if (b["method"], b["oracle"], b["variant"], b["seed"]) ==
+                        (method, oracle, "default" if "beta=0" not in variant.split("/") else "beta=0", r["seed"])]
+                base_cell = f"{100 * base[0]['after']:.1f} % (entropy {base[0]['last100']['entropy']:.2f})" if base else "-"
+                lines.append(f"| {variant} | {method} | {oracle} | {100 * r['after']:.1f} | {r['last100']['entropy']:.2f} "
+                             f"| {'yes' if collapsed(r) else 'no'} | {base_cell} |")
     return "\n".join(lines)
 
 
@@ -432,6 +460,9 @@ def main(argv):
     if variants:
         print("\nthe paper's advantage under its open variants (reference Oracle, one seed)\n")
         print(variant_table(rows))
+    if probes:
+        print(f"\nprobes (seed {seeds.split(',')[0]}), beside the same run without the probe\n")
+        print(probe_table(rows))
     print(f"\n{len(rows)} of {len(runs)} runs finished; wrote {out_dir}/ablation.json and {out_dir}/curves.png")
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed, each with its train.log: {', '.join(failed)}")

@@ -695,3 +695,25 @@ def test_late_table_averages_each_runs_last_100_steps_then_the_seeds(tmp_path):
     lines = module.late_table(rows).splitlines()
     assert lines[2:] == ["| lambda | graded | 2 | 85.0 | 50.0 | 101.00 | 0.040 | 0.0060 |"]
     importlib.reload(experiments)
+
+
+def test_probes_run_at_the_first_seed_under_both_oracles_and_sit_beside_their_grid_run():
+    import experiments
+    module = importlib.reload(experiments)
+    probe_runs = {name: (args, info) for name, args, info in module.plan() if "-ent0.004" in name or "-steps1600" in name}
+    assert sorted(probe_runs) == sorted(f"{method}-{oracle}-{tag}-s0" for tag, method in
+                                        [("steps1600", "lambda"), ("steps1600", "lambda_floor"), ("ent0.004", "lambda_floor"),
+                                         ("ent0.004-beta0", "lambda_floor")] for oracle in ("reference", "graded"))
+    args, info = probe_runs["lambda_floor-graded-ent0.004-beta0-s0"]
+    assert args == ["--advantage=lambda_floor", "--oracle=graded", "--entropy_coef=0.004", "--beta=0", "--seed=0"]
+    assert info == {"method": "lambda_floor", "variant": "entropy_coef=0.004/beta=0", "oracle": "graded", "seed": 0}
+    module.probes = False
+    assert not [name for name, _, _ in module.plan() if "-ent0.004" in name or "beta0.01" in name]
+
+    def row(variant, after, entropy, truncated=0.0):
+        return {"method": "lambda_floor", "oracle": "graded", "seed": 0, "variant": variant, "after": after,
+                "last100": {"entropy": entropy}, "truncated_last50": truncated}
+    rows = [row("entropy_coef=0.004/beta=0", 0.0, 4.27, truncated=0.9), row("beta=0", 0.89, 1.04), row("default", 0.877, 1.0)]
+    lines = module.probe_table(rows).splitlines()
+    assert lines[2:] == ["| entropy_coef=0.004/beta=0 | lambda_floor | graded | 0.0 | 4.27 | yes | 89.0 % (entropy 1.04) |"]
+    importlib.reload(experiments)
