@@ -55,11 +55,11 @@ sft_steps = 300
 sft_seed = 1337            # the warm start of the default `python train.py` ...
 sft_threads = 2            # ... trained with its thread count, so it is the same model
 variants = True            # also the paper's open variants
+probes = True              # also PROBES (below)
 report = False             # only collect, plot and print
 num_threads = 1
 parallel = 2               # runs at a time
 # -----------------------------------------------------------------------------
-probes = True             # also PROBES
 METHODS = ("paper", "lambda", "lambda_floor", "lambda_clamp", "rank_reward", "pairwise_gain")
 ORACLES = ("reference", "graded")
 # (name tag, variant, method, train.py overrides): what lambda's lead with the KL term is made of, and how far it holds
@@ -197,6 +197,9 @@ def read_jsonl(path):
         return [json.loads(line) for line in f if line.strip()]
 
 
+LATE_KEYS = ("sample_accuracy", "entropy", "mean_abs_advantage", "kl")   # metrics.jsonl, averaged over the last 100 steps
+
+
 def collect(runs):
     rows = []
     for name, _, info in runs:
@@ -221,9 +224,6 @@ def collect(runs):
                      "last100": {key: statistics.mean(m[key] for m in metrics[-100:]) for key in LATE_KEYS}
                                 if metrics else {}})
     return rows
-
-
-LATE_KEYS = ("sample_accuracy", "entropy", "mean_abs_advantage", "kl")   # metrics.jsonl, averaged over the last 100 steps
 
 
 def late_table(rows):
