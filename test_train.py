@@ -697,23 +697,31 @@ def test_late_table_averages_each_runs_last_100_steps_then_the_seeds(tmp_path):
     importlib.reload(experiments)
 
 
-def test_probes_run_at_the_first_seed_under_both_oracles_and_sit_beside_their_grid_run():
+def test_probes_run_at_the_first_seed_and_the_horizon_probes_at_more_and_sit_beside_their_grid_runs():
     import experiments
     module = importlib.reload(experiments)
     probe_runs = {name: (args, info) for name, args, info in module.plan() if "-ent0.004" in name or "-steps1600" in name}
-    assert sorted(probe_runs) == sorted(f"{method}-{oracle}-{tag}-s0" for tag, method in
-                                        [("steps1600", "lambda"), ("steps1600", "lambda_floor"), ("ent0.004", "lambda_floor"),
-                                         ("ent0.004-beta0", "lambda_floor")] for oracle in ("reference", "graded"))
+    expected = [f"{method}-{oracle}-ent0.004{tag}-s0" for tag, method in [("", "lambda_floor"), ("-beta0", "lambda_floor")]
+                for oracle in ("reference", "graded")]
+    expected += [f"{method}-{oracle}-steps1600-s{seed}" for seed in range(5) for method in ("lambda", "lambda_floor")
+                 for oracle in ("reference", "graded")]
+    assert sorted(probe_runs) == sorted(expected)
     args, info = probe_runs["lambda_floor-graded-ent0.004-beta0-s0"]
     assert args == ["--advantage=lambda_floor", "--oracle=graded", "--entropy_coef=0.004", "--beta=0", "--seed=0"]
     assert info == {"method": "lambda_floor", "variant": "entropy_coef=0.004/beta=0", "oracle": "graded", "seed": 0}
+    assert probe_runs["lambda-graded-steps1600-s3"][0][2:4] == ["--max_steps=1600", "--epochs=13"]
+    module.horizon_seeds = ""
+    assert not [name for name in module.plan() if "-steps1600-s1" in name[0]]
     module.probes = False
-    assert not [name for name, _, _ in module.plan() if "-ent0.004" in name or "beta0.01" in name]
+    assert not [name for name, _, _ in module.plan() if "-ent0.004" in name or "-steps1600" in name or "beta0.01" in name]
 
-    def row(variant, after, entropy, truncated=0.0):
-        return {"method": "lambda_floor", "oracle": "graded", "seed": 0, "variant": variant, "after": after,
+    def row(variant, seed, after, entropy, truncated=0.0):
+        return {"method": "lambda_floor", "oracle": "graded", "seed": seed, "variant": variant, "after": after,
                 "last100": {"entropy": entropy}, "truncated_last50": truncated}
-    rows = [row("entropy_coef=0.004/beta=0", 0.0, 4.27, truncated=0.9), row("beta=0", 0.89, 1.04), row("default", 0.877, 1.0)]
+    rows = [row("entropy_coef=0.004/beta=0", 0, 0.0, 4.27, truncated=0.9), row("beta=0", 0, 0.89, 1.04),
+            row("beta=0", 1, 0.5, 9.0), row("default", 0, 0.877, 1.0),           # seed 1 has no probe run: left out
+            row("steps=1600", 0, 0.94, 1.0), row("steps=1600", 1, 0.90, 1.2), row("default", 1, 0.913, 1.1)]
     lines = module.probe_table(rows).splitlines()
-    assert lines[2:] == ["| entropy_coef=0.004/beta=0 | lambda_floor | graded | 0.0 | 4.27 | yes | 89.0 % (entropy 1.04) |"]
+    assert lines[2:] == ["| steps=1600 | lambda_floor | graded | 2 | 92.0 ± 2.8 | 1.10 | 0/2 | 89.5 ± 2.5, 1.05 |",
+                         "| entropy_coef=0.004/beta=0 | lambda_floor | graded | 1 | 0.0 ± 0.0 | 4.27 | 1/1 | 89.0 ± 0.0, 1.04 |"]
     importlib.reload(experiments)
