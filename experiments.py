@@ -232,6 +232,11 @@ def collect(runs):
     return rows
 
 
+def runs_of(rows, method, oracle, variant):
+    """The finished runs of one cell: a method under an Oracle in one variant ("default", "beta=0", ...)."""
+    return [r for r in rows if (r["method"], r["oracle"], r["variant"]) == (method, oracle, variant)]
+
+
 def late_table(rows):
     """What the policy does at the end of training, per method and Oracle at the default beta: held-out accuracy
     beside the last 100 steps' means of the training metrics (sampled accuracy on training prompts at
@@ -240,8 +245,7 @@ def late_table(rows):
              "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for method in METHODS:
         for oracle in ORACLES:
-            picked = [r for r in rows if (r["method"], r["oracle"], r["variant"]) == (method, oracle, "default")
-                      and r.get("last100")]
+            picked = [r for r in runs_of(rows, method, oracle, "default") if r.get("last100")]
             if not picked:
                 continue
             late = {key: statistics.mean(r["last100"][key] for r in picked) for key in LATE_KEYS}
@@ -259,12 +263,11 @@ def probe_table(rows):
     for _, variant, method, _ in PROBES:
         base_variant = "beta=0" if "beta=0" in variant.split("/") else "default"
         for oracle in ORACLES:
-            picked = [r for r in rows if (r["method"], r["oracle"], r["variant"]) == (method, oracle, variant)]
+            picked = runs_of(rows, method, oracle, variant)
             if not picked:
                 continue
             seeds_run = {r["seed"] for r in picked}
-            base = [r for r in rows if (r["method"], r["oracle"], r["variant"]) == (method, oracle, base_variant)
-                    and r["seed"] in seeds_run]
+            base = [r for r in runs_of(rows, method, oracle, base_variant) if r["seed"] in seeds_run]
             entropy = lambda runs: f"{statistics.mean(r['last100']['entropy'] for r in runs):.2f}"
             base_cell = f"{mean_std([r['after'] for r in base])}, {entropy(base)}" if base else "-"
             lines.append(f"| {variant} | {method} | {oracle} | {len(picked)} | {mean_std([r['after'] for r in picked])} "
@@ -291,8 +294,7 @@ def summary_table(rows, by_floor=False):
     for label, method, prefix in specs:
         cells = []
         for oracle, beta in columns:
-            picked = [r for r in rows
-                      if (r["method"], r["oracle"], r["variant"]) == (method, oracle, variant_name(beta, prefix))]
+            picked = runs_of(rows, method, oracle, variant_name(beta, prefix))
             if not picked:
                 cells.append("-")
                 continue
