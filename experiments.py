@@ -21,8 +21,8 @@ Runs (each is `python train.py ...` in its own process, output in results/runs/<
   lr=...:   each method but paper at the other learning rates (reference Oracle, first seed)
   variants: advantage=paper with dcg_kind eq10 | eq11 | table3, bound symmetric | literal,
             ratio_policy rollout | reference (reference Oracle, first seed)
-  probes:   PROBES, questions about the default and its rival (both Oracles, first seed; the steps=1600
-            ones at horizon_seeds too)
+  probes:   PROBES, questions about the default and its rival, and the other advantages at 1600 steps (both
+            Oracles, each probe at its own seeds)
 """
 import json
 import os
@@ -56,21 +56,28 @@ sft_steps = 300
 sft_seed = 1337            # the warm start of the default `python train.py` ...
 sft_threads = 2            # ... trained with its thread count, so it is the same model
 variants = True            # also the paper's open variants
-probes = True              # also PROBES (below), at the first seed
-horizon_seeds = "1,2,3,4"  # the steps=1600 probes at these seeds too: at seed 0 the default overtook its rival there
-                           # under the graded Oracle (added after seed 0's four runs, before any of these ran)
+probes = True              # also PROBES (below), each at its own seeds
 report = False             # only collect, plot and print
 num_threads = 1
 parallel = 2               # runs at a time
 # -----------------------------------------------------------------------------
 METHODS = ("paper", "lambda", "lambda_floor", "lambda_clamp", "rank_reward", "pairwise_gain")
 ORACLES = ("reference", "graded")
-# (name tag, variant, method, train.py overrides): what lambda's lead with the KL term is made of, and how far it holds
-PROBES = [("beta0.01", "beta=0.01", "lambda", ["--beta=0.01"]),     # a quarter of the KL term: does lambda still hold?
-          ("steps1600", "steps=1600", "lambda", ["--max_steps=1600", "--epochs=13"]),   # twice the horizon, where
-          ("steps1600", "steps=1600", "lambda_floor", ["--max_steps=1600", "--epochs=13"]),  # lambda's entropy still rises
-          ("ent0.004", "entropy_coef=0.004", "lambda_floor", ["--entropy_coef=0.004"]),   # the default with lambda's entropy
-          ("ent0.004-beta0", "entropy_coef=0.004/beta=0", "lambda_floor", ["--entropy_coef=0.004", "--beta=0"])]
+# (name tag, variant, method, train.py overrides, seeds): what lambda's lead with the KL term is made of, how far
+# it holds, and the other advantages at the longer horizon. Each probe's seeds were fixed before its runs: the
+# 1600-step pair at seed 0 first, seeds 1-4 after those four runs, and the rest (seeds 5-9 of the pair, the other
+# advantages at seeds 0-2, the default without the KL term) after all of seeds 0-4, before any of them ran.
+STEPS_1600 = ["--max_steps=1600", "--epochs=13"]   # twice the horizon; the cosine schedule stretches with it
+PROBES = [("beta0.01", "beta=0.01", "lambda", ["--beta=0.01"], "0"),   # a quarter of the KL term: does lambda hold?
+          ("steps1600", "steps=1600", "lambda", STEPS_1600, "0,1,2,3,4,5,6,7,8,9"),        # lambda's entropy still
+          ("steps1600", "steps=1600", "lambda_floor", STEPS_1600, "0,1,2,3,4,5,6,7,8,9"),  # rises at 800 steps
+          ("ent0.004", "entropy_coef=0.004", "lambda_floor", ["--entropy_coef=0.004"], "0"),   # the default with
+          ("ent0.004-beta0", "entropy_coef=0.004/beta=0", "lambda_floor",                     # lambda's entropy
+           ["--entropy_coef=0.004", "--beta=0"], "0"),
+          ("steps1600", "steps=1600", "lambda_clamp", STEPS_1600, "0,1,2"),   # is the default still the best
+          ("steps1600-beta0", "steps=1600/beta=0", "lambda_floor", [*STEPS_1600, "--beta=0"], "0"),   # and safe
+          ("steps1600", "steps=1600", "rank_reward", STEPS_1600, "0,1,2"),    # there?
+          ("steps1600", "steps=1600", "pairwise_gain", STEPS_1600, "0,1,2")]
 
 
 def variant_name(beta, prefix=""):
@@ -128,9 +135,10 @@ def plan():
                     runs.append((f"{method}-reference-lr{lr}-s{seed}",
                                  [f"--advantage={method}", f"--learning_rate={lr}", f"--seed={seed}"],
                                  {"method": method, "variant": f"lr={lr}", "oracle": "reference", "seed": int(seed)}))
-    for seed in seed_list[:1] + (horizon_seeds.split(",") if horizon_seeds else []) if probes else []:
-        for tag, variant, method, overrides in PROBES:
-            if seed != seed_list[0] and not variant.startswith("steps="):
+    probe_seeds = dict.fromkeys(seed for *_, seeds_of in PROBES for seed in seeds_of.split(","))
+    for seed in sorted(probe_seeds, key=int) if probes else []:
+        for tag, variant, method, overrides, seeds_of in PROBES:
+            if seed not in seeds_of.split(","):
                 continue
             for oracle in ORACLES:
                 runs.append((f"{method}-{oracle}-{tag}-s{seed}",
@@ -260,7 +268,7 @@ def probe_table(rows):
     in the main grid (at the default beta, or at beta 0 for a probe without the KL term)."""
     lines = ["| probe | method | Oracle | seeds | held-out % | entropy (last 100 steps) | collapsed "
              "| the same seeds without the probe: held-out %, entropy |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for _, variant, method, _ in PROBES:
+    for _, variant, method, _, _ in PROBES:
         base_variant = "beta=0" if "beta=0" in variant.split("/") else "default"
         for oracle in ORACLES:
             picked = runs_of(rows, method, oracle, variant)

@@ -697,21 +697,27 @@ def test_late_table_averages_each_runs_last_100_steps_then_the_seeds(tmp_path):
     importlib.reload(experiments)
 
 
-def test_probes_run_at_the_first_seed_and_the_horizon_probes_at_more_and_sit_beside_their_grid_runs():
+def test_probes_run_at_their_own_seeds_seed_by_seed_and_sit_beside_their_grid_runs():
     import experiments
     module = importlib.reload(experiments)
     probe_runs = {name: (args, info) for name, args, info in module.plan() if "-ent0.004" in name or "-steps1600" in name}
     expected = [f"{method}-{oracle}-ent0.004{tag}-s0" for tag, method in [("", "lambda_floor"), ("-beta0", "lambda_floor")]
                 for oracle in ("reference", "graded")]
-    expected += [f"{method}-{oracle}-steps1600-s{seed}" for seed in range(5) for method in ("lambda", "lambda_floor")
+    expected += [f"{method}-{oracle}-steps1600-s{seed}" for seed in range(10) for method in ("lambda", "lambda_floor")
                  for oracle in ("reference", "graded")]
+    expected += [f"{method}-{oracle}-steps1600-s{seed}" for seed in range(3)
+                 for method in ("lambda_clamp", "rank_reward", "pairwise_gain") for oracle in ("reference", "graded")]
+    expected += [f"lambda_floor-{oracle}-steps1600-beta0-s0" for oracle in ("reference", "graded")]
     assert sorted(probe_runs) == sorted(expected)
     args, info = probe_runs["lambda_floor-graded-ent0.004-beta0-s0"]
     assert args == ["--advantage=lambda_floor", "--oracle=graded", "--entropy_coef=0.004", "--beta=0", "--seed=0"]
     assert info == {"method": "lambda_floor", "variant": "entropy_coef=0.004/beta=0", "oracle": "graded", "seed": 0}
     assert probe_runs["lambda-graded-steps1600-s3"][0][2:4] == ["--max_steps=1600", "--epochs=13"]
-    module.horizon_seeds = ""
-    assert not [name for name in module.plan() if "-steps1600-s1" in name[0]]
+    args, info = probe_runs["lambda_floor-reference-steps1600-beta0-s0"]
+    assert args[2:] == ["--max_steps=1600", "--epochs=13", "--beta=0", "--seed=0"]
+    assert info["variant"] == "steps=1600/beta=0"
+    names = [name for name, _, _ in module.plan()]   # every probe's first seed before any probe's second
+    assert names.index("pairwise_gain-graded-steps1600-s0") < names.index("lambda-reference-steps1600-s1")
     module.probes = False
     assert not [name for name, _, _ in module.plan() if "-ent0.004" in name or "-steps1600" in name or "beta0.01" in name]
 
