@@ -288,11 +288,12 @@ def collapsed(row):
     return row["truncated_last50"] > 0.5
 
 
-def summary_table(rows, by_floor=False):
+def summary_table(rows, by_floor=False, prefix=""):
     """Mean ± std of held-out accuracy after RL (gain over the warm start), per method (or lambda_floor's
-    floor), Oracle and beta."""
+    floor), Oracle and beta; prefix: the variant of every row ("steps=1600": the longer horizon's probes), a
+    method with no such runs left out."""
     columns = [(oracle, beta) for oracle in ORACLES for beta in betas.split(",")]
-    specs = [(method, method, "") for method in METHODS]
+    specs = [(method, method, prefix) for method in METHODS]
     if by_floor:   # the floors as spelled in the run names (floors), train.py's (grpo_rank.FLOOR) as "default"
         other = [(float(f), f"floor {f}", f"floor={f}") for f in floors.split(",")] if floors else []
         specs = [(label, "lambda_floor", prefix) for _, label, prefix in sorted([(FLOOR, f"floor {FLOOR:g}", ""), *other])]
@@ -311,7 +312,29 @@ def summary_table(rows, by_floor=False):
             cell = f"{mean_std([r['after'] for r in picked])} ({statistics.mean(gains):+.1f}; {seeds_run})"
             broken = sum(collapsed(r) for r in picked)
             cells.append(cell + (f", collapsed {broken}/{len(picked)}" if broken else ""))
-        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+        if any(cell != "-" for cell in cells):
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+def flattening_table(rows, long_variant="steps=1600"):
+    """Have the curves flattened? Mean held-out % over seeds at half, three quarters and the end of each
+    horizon (default beta), for the methods run at both."""
+    lines = ["| method | Oracle | horizon | seeds | at 1/2 | at 3/4 | at the end | last quarter |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for method in METHODS:
+        for oracle in ORACLES:
+            if not runs_of(rows, method, oracle, long_variant):
+                continue
+            for variant in ("default", long_variant):
+                picked = runs_of(rows, method, oracle, variant)
+                if not picked:
+                    continue
+                steps = picked[0]["steps"]
+                at = [statistics.mean(100 * dict(r["curve"])[step] for r in picked)
+                      for step in (steps // 2, steps * 3 // 4, steps)]
+                lines.append(f"| {method} | {oracle} | {steps} | {len(picked)} | {at[0]:.1f} | {at[1]:.1f} | {at[2]:.1f} "
+                             f"| {at[2] - at[1]:+.1f} |")
     return "\n".join(lines)
 
 
@@ -485,6 +508,10 @@ def main(argv):
     if probes:
         print("\nprobes, mean ± std over their seeds, beside the same seeds without the probe\n")
         print(probe_table(rows))
+        print("\nheld-out exact match (%) after 1600 RL steps (the steps=1600 probes), mean ± std over seeds\n")
+        print(summary_table(rows, prefix="steps=1600"))
+        print("\nhave the curves flattened? held-out % at 1/2, 3/4 and the end of each horizon, mean over seeds\n")
+        print(flattening_table(rows))
     print(f"\n{len(rows)} of {len(runs)} runs finished; wrote {out_dir}/ablation.json and {out_dir}/curves.png")
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed, each with its train.log: {', '.join(failed)}")

@@ -730,4 +730,13 @@ def test_probes_run_at_their_own_seeds_seed_by_seed_and_sit_beside_their_grid_ru
     lines = module.probe_table(rows).splitlines()
     assert lines[2:] == ["| steps=1600 | lambda_floor | graded | 2 | 92.0 ± 2.8 | 1.10 | 0/2 | 89.5 ± 2.5, 1.05 |",
                          "| entropy_coef=0.004/beta=0 | lambda_floor | graded | 1 | 0.0 ± 0.0 | 4.27 | 1/1 | 89.0 ± 0.0, 1.04 |"]
+    for r in rows:   # the longer horizon's own summary (methods without its runs left out) and the curves' rise
+        steps = 1600 if r["variant"].startswith("steps=") else 800
+        r.update(before=0.35, steps=steps, curve=[(0, 0.35), (steps // 2, 0.6), (steps * 3 // 4, r["after"] - 0.02),
+                                                  (steps, r["after"])])
+    lines = module.summary_table(rows, prefix="steps=1600").splitlines()
+    assert lines[2:] == ["| lambda_floor | - | - | 92.0 ± 2.8 (+57.0; 2 seeds) | - |"]
+    lines = module.flattening_table(rows).splitlines()
+    assert lines[2:] == ["| lambda_floor | graded | 800 | 2 | 60.0 | 87.5 | 89.5 | +2.0 |",
+                         "| lambda_floor | graded | 1600 | 2 | 60.0 | 90.0 | 92.0 | +2.0 |"]
     importlib.reload(experiments)
