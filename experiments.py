@@ -68,16 +68,17 @@ ORACLES = ("reference", "graded")
 # 1600-step pair at seed 0 first, seeds 1-4 after those four runs, and the rest (seeds 5-9 of the pair, the other
 # advantages at seeds 0-2, the default without the KL term) after all of seeds 0-4, before any of them ran.
 STEPS_1600 = ["--max_steps=1600", "--epochs=13"]   # twice the horizon; the cosine schedule stretches with it
+LONG = "steps=1600"                                 # those probes' variant
 PROBES = [("beta0.01", "beta=0.01", "lambda", ["--beta=0.01"], "0"),   # a quarter of the KL term: does lambda hold?
-          ("steps1600", "steps=1600", "lambda", STEPS_1600, "0,1,2,3,4,5,6,7,8,9"),        # lambda's entropy still
-          ("steps1600", "steps=1600", "lambda_floor", STEPS_1600, "0,1,2,3,4,5,6,7,8,9"),  # rises at 800 steps
+          ("steps1600", LONG, "lambda", STEPS_1600, "0,1,2,3,4,5,6,7,8,9"),        # lambda's entropy still
+          ("steps1600", LONG, "lambda_floor", STEPS_1600, "0,1,2,3,4,5,6,7,8,9"),  # rises at 800 steps
           ("ent0.004", "entropy_coef=0.004", "lambda_floor", ["--entropy_coef=0.004"], "0"),   # the default with
           ("ent0.004-beta0", "entropy_coef=0.004/beta=0", "lambda_floor",                     # lambda's entropy
            ["--entropy_coef=0.004", "--beta=0"], "0"),
-          ("steps1600", "steps=1600", "lambda_clamp", STEPS_1600, "0,1,2"),   # is the default still the best
-          ("steps1600-beta0", "steps=1600/beta=0", "lambda_floor", [*STEPS_1600, "--beta=0"], "0"),   # and safe
-          ("steps1600", "steps=1600", "rank_reward", STEPS_1600, "0,1,2"),    # there?
-          ("steps1600", "steps=1600", "pairwise_gain", STEPS_1600, "0,1,2")]
+          ("steps1600", LONG, "lambda_clamp", STEPS_1600, "0,1,2"),   # is the default still the best
+          ("steps1600-beta0", f"{LONG}/beta=0", "lambda_floor", [*STEPS_1600, "--beta=0"], "0"),   # and safe
+          ("steps1600", LONG, "rank_reward", STEPS_1600, "0,1,2"),    # there?
+          ("steps1600", LONG, "pairwise_gain", STEPS_1600, "0,1,2")]
 
 
 def variant_name(beta, prefix=""):
@@ -135,7 +136,7 @@ def plan():
                     runs.append((f"{method}-reference-lr{lr}-s{seed}",
                                  [f"--advantage={method}", f"--learning_rate={lr}", f"--seed={seed}"],
                                  {"method": method, "variant": f"lr={lr}", "oracle": "reference", "seed": int(seed)}))
-    probe_seeds = dict.fromkeys(seed for *_, seeds_of in PROBES for seed in seeds_of.split(","))
+    probe_seeds = {seed for *_, seeds_of in PROBES for seed in seeds_of.split(",")}
     for seed in sorted(probe_seeds, key=int) if probes else []:
         for tag, variant, method, overrides, seeds_of in PROBES:
             if seed not in seeds_of.split(","):
@@ -317,7 +318,7 @@ def summary_table(rows, by_floor=False, prefix=""):
     return "\n".join(lines)
 
 
-def flattening_table(rows, long_variant="steps=1600"):
+def flattening_table(rows, long_variant=LONG):
     """Have the curves flattened? Mean held-out % over seeds at half, three quarters and the end of each
     horizon (default beta), for the methods run at both."""
     lines = ["| method | Oracle | horizon | seeds | at 1/2 | at 3/4 | at the end | last quarter |",
@@ -509,7 +510,7 @@ def main(argv):
         print("\nprobes, mean ± std over their seeds, beside the same seeds without the probe\n")
         print(probe_table(rows))
         print("\nheld-out exact match (%) after 1600 RL steps (the steps=1600 probes), mean ± std over seeds\n")
-        print(summary_table(rows, prefix="steps=1600"))
+        print(summary_table(rows, prefix=LONG))
         print("\nhave the curves flattened? held-out % at 1/2, 3/4 and the end of each horizon, mean over seeds\n")
         print(flattening_table(rows))
     print(f"\n{len(rows)} of {len(runs)} runs finished; wrote {out_dir}/ablation.json and {out_dir}/curves.png")
