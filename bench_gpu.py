@@ -211,7 +211,7 @@ def main(argv):
               "on tiny shapes on the CPU)")
         return None
     import torch.distributed as dist
-    from configurator import setup_distributed
+    from configurator import setup_distributed, shutdown_distributed
     from oracle import make_oracle
     from train_step import PhaseTimer, train_step
     rank, world, device = setup_distributed()
@@ -273,8 +273,7 @@ def main(argv):
         if "scaling" in result:
             print(f"bench_gpu: scaling vs {baseline_step_s:.3f} s on 1 GPU: efficiency "
                   f"{result['scaling']['efficiency']:.2f}, throughput x{result['scaling']['throughput_speedup']:.2f}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown_distributed()
     return result
 
 

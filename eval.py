@@ -36,7 +36,7 @@ import torch.distributed as dist
 from tqdm import tqdm
 
 from answers import EXTRACTORS, extract_choice, normalize_answer
-from configurator import all_finished, configure, rank_and_world, setup_distributed
+from configurator import all_finished, configure, rank_and_world, setup_distributed, shutdown_distributed
 from data import MC_FORMATS, load_jsonl, read_videos, write_jsonl
 from judge import JUDGE_BACKOFF, JUDGE_BASE_URL, JUDGE_MAX_RETRIES, JUDGE_PROMPTS, Judge, JudgeError
 from model import VideoLM
@@ -370,9 +370,7 @@ def main(argv):
         os.replace(out_path + ".tmp", out_path)
         print_results(results, title=f"{task_}: {checkpoint} on {data}")
         print(f"predictions: {predictions_path}\nresults: {out_path}")
-    if dist.is_initialized():
-        dist.barrier()      # no rank leaves while rank 0 still writes (gloo aborts on a closed peer)
-        dist.destroy_process_group()
+    shutdown_distributed()      # no rank leaves while rank 0 still writes
     return 0
 
 

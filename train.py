@@ -22,11 +22,10 @@ import time
 import warnings
 
 import torch
-import torch.distributed as dist
 from tqdm import tqdm
 
 import checkpoint
-from configurator import barrier, configure, cosine_lr, option_keys, setup_distributed
+from configurator import barrier, configure, cosine_lr, option_keys, setup_distributed, shutdown_distributed
 from data import TEMPLATES, ClipCache, load_jsonl
 from eval import evaluate
 from tables import format_comparison
@@ -429,6 +428,7 @@ def main(argv):
                 print(f"stopped after {steps_this_run} steps (stop_after_steps); --resume=True continues")
             if writer is not None:
                 writer.close()
+            shutdown_distributed()
             return None
     bar.close()
     timings["rl"] = time.time() - tick
@@ -447,8 +447,7 @@ def main(argv):
         print(f"wrote {out_dir}/results.json; {counters}; {timings['total']:.0f} s in all")
     if writer is not None:
         writer.close()
-    if dist.is_initialized():
-        dist.destroy_process_group()
+    shutdown_distributed()
     return results
 
 
