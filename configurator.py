@@ -159,9 +159,9 @@ def barrier():
 
 
 def shutdown_distributed():
-    """Tear the process group down once every rank is done with it. Without the barrier a rank that finishes
-    first closes its gloo pairs while rank 0 still writes results, and one of the two aborts at exit
-    ("terminate called without an active exception", seen in CI on a 2-process run)."""
+    """Tear the process group down once every rank is done with it: the barrier keeps a rank that finishes
+    first from closing its gloo pairs while rank 0 still writes results (without it, CI once saw a rank of a
+    finished 2-process run abort at exit: "terminate called without an active exception")."""
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
