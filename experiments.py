@@ -297,14 +297,15 @@ def summary_table(rows, by_floor=False, prefix=""):
     specs = [(method, method, prefix) for method in METHODS]
     if by_floor:   # the floors as spelled in the run names (floors), train.py's (grpo_rank.FLOOR) as "default"
         other = [(float(f), f"floor {f}", f"floor={f}") for f in floors.split(",")] if floors else []
-        specs = [(label, "lambda_floor", prefix) for _, label, prefix in sorted([(FLOOR, f"floor {FLOOR:g}", ""), *other])]
+        specs = [(label, "lambda_floor", floor_prefix)
+                 for _, label, floor_prefix in sorted([(FLOOR, f"floor {FLOOR:g}", ""), *other])]
     header = " | ".join(f"{o}, beta {b}" for o, b in columns)
     lines = ["| " + ("lambda_floor" if by_floor else "method") + " | " + header + " |",
              "| --- |" + " --- |" * len(columns)]
-    for label, method, prefix in specs:
+    for label, method, spec_prefix in specs:
         cells = []
         for oracle, beta in columns:
-            picked = runs_of(rows, method, oracle, variant_name(beta, prefix))
+            picked = runs_of(rows, method, oracle, variant_name(beta, spec_prefix))
             if not picked:
                 cells.append("-")
                 continue
