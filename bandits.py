@@ -9,10 +9,18 @@ taken on grpo_rank_loss. Reports expected quality / best quality before and afte
 length_bandit: the same with answer LENGTH, the video run's length collapse at beta 0 in seconds.
 """
 import statistics
+import sys
 
 import torch
 
+from configurator import configure
 from grpo_rank import BOUNDS, DCG_KINDS, grpo_rank_loss, rank_advantages, ranks_from_scores
+
+# -----------------------------------------------------------------------------
+# defaults, overridable as --key=value
+num_seeds = 5                # seeds 0 .. num_seeds-1 per row; the README's tables are the mean over 5
+steps = 300                  # Adam steps per run
+# -----------------------------------------------------------------------------
 
 
 def bandit(method="lambda_floor", dcg_kind="eq10", bound="symmetric", steps=300, num_answers=10,
@@ -95,27 +103,32 @@ def length_bandit(method="lambda_floor", oracle="reference", steps=300, num_prom
     return start, p_stop(), statistics.mean(truncated_history[-20:])
 
 
-def bandit_table(seeds_=range(5)):
-    print(f"bandit: 10 answers, G=5, 8 groups/step, 300 Adam steps, {len(seeds_)} seeds; "
+def bandit_table(seeds_=range(5), steps=300):
+    print(f"bandit: 10 answers, G=5, 8 groups/step, {steps} Adam steps, {len(seeds_)} seeds; "
           "expected quality / best (1.0 = always the best answer)")
     print(f"{'method':<14} {'dcg_kind':<8} {'bound':<10} {'start':>6} {'end':>6}  {'min..max over seeds':>20}")
     variants = [(method, "eq10", "symmetric") for method in ("lambda_floor", "lambda_clamp", "lambda", "pairwise_gain",
                                                              "rank_reward")]
     variants += [("paper", kind, bound) for kind in DCG_KINDS for bound in BOUNDS]
     for method, kind, bound in variants:
-        runs = [bandit(method, kind, bound, seed=seed) for seed in seeds_]
+        runs = [bandit(method, kind, bound, steps=steps, seed=seed) for seed in seeds_]
         starts, ends = [s for s, _ in runs], [e for _, e in runs]
         print(f"{method:<14} {kind:<8} {bound:<10} {sum(starts) / len(runs):6.3f} "
               f"{sum(ends) / len(runs):6.3f}  {min(ends):9.3f} .. {max(ends):.3f}")
-    print(f"\nlength bandit: an answer word, then stop or filler words (cut at 8 tokens), beta 0, 300 steps, "
+    print(f"\nlength bandit: an answer word, then stop or filler words (cut at 8 tokens), beta 0, {steps} steps, "
           f"{len(seeds_)} seeds;\np(stop) after the word at start -> end, and the truncated fraction of the last 20 steps")
     print(f"{'method':<14} {'oracle':<10} {'p(stop)':>14} {'truncated':>10}")
     for oracle in ("reference", "graded"):
         for method in ("lambda_floor", "lambda_clamp", "lambda", "pairwise_gain", "rank_reward", "paper"):
-            runs = [length_bandit(method, oracle, seed=seed) for seed in seeds_]
+            runs = [length_bandit(method, oracle, steps=steps, seed=seed) for seed in seeds_]
             start, end, truncated = (statistics.mean(values) for values in zip(*runs))
             print(f"{method:<14} {oracle:<10} {start:6.2f} -> {end:4.2f} {truncated:10.2f}")
 
 
+def main(argv):
+    configure(argv, globals())
+    bandit_table(range(num_seeds), steps)
+
+
 if __name__ == "__main__":
-    bandit_table()
+    main(sys.argv[1:])

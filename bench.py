@@ -405,7 +405,8 @@ def print_table(rows):
     print("\nnotes:\n" + "\n".join(f"  {r['figure']}: {r['note']}" for r in rows if r["note"]))
 
 
-def main():
+def main(argv):
+    configure(argv, globals())
     sections = [s.strip() for s in only.split(",") if s.strip()] or list(SECTIONS)
     if set(sections) - set(SECTIONS):
         raise SystemExit(f"--only: unknown section(s) {sorted(set(sections) - set(SECTIONS))}; valid: {','.join(SECTIONS)}")
@@ -445,5 +446,4 @@ if __name__ == "__main__":
         torch.set_num_threads(num_threads)
         print(json.dumps(logprob_run(sys.argv[2])))
     else:
-        configure(sys.argv[1:], globals())
-        main()
+        main(sys.argv[1:])

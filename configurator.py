@@ -9,14 +9,18 @@ plain globals at its top and calls
 which applies, in order, config files (a plain argument: `.json`, or `.py` holding only assignments
 of literals such as `lr = 3e-4`; the file is parsed, never executed) and `--key=value` overrides.
 A value must have the type of its default; an unknown key, a wrong type or a bad file ends the
-program with a message naming the option and the file. The set of keys given is returned, so a
-script can tell an explicit choice from a default.
+program with a message naming the option and the file (an unknown key also names the closest known
+ones: `--lr` -> `--learning_rate`). The set of keys given is returned, so a script can tell an
+explicit choice from a default. `--help` (or `-h`) prints the script's docstring and every option
+with its default and the comment beside it in the script's source: the one place options are defined.
 """
 import ast
 import difflib
+import io
 import json
 import math
 import os
+import tokenize
 
 import torch
 import torch.distributed as dist
@@ -83,19 +87,79 @@ def read_config_file(path, skip_other=False):
     return values
 
 
+def close_options(key, keys, n=4):
+    """The known option names a mistyped `key` most likely meant: abbreviations by initials ("lr" ->
+    learning_rate, lora_r), whole words of a name ("steps" -> max_steps), then difflib's close spellings."""
+    initials = lambda name: "".join(word[:1] for word in name.split("_"))
+    picks = [k for k in keys if initials(k) == key]
+    picks += [k for k in keys if key in k.split("_") or (len(key) > 3 and key in k)]
+    picks += difflib.get_close_matches(key, keys, n=n, cutoff=0.6)
+    return list(dict.fromkeys(picks))[:n]
+
+
+def option_comments(path):
+    """{option name: the comment beside its assignment in a script's source, continuation lines joined} and
+    {option name: the section heading above it}: the `name = value  # comment` lines at the top level."""
+    with open(path, encoding="utf-8") as f:
+        source = f.read()
+    comments = {token.start[0]: (token.start[1], token.string.lstrip("#").strip())
+                for token in tokenize.generate_tokens(io.StringIO(source).readline) if token.type == tokenize.COMMENT}
+    lines, found, headings = source.splitlines(), {}, {}
+    for node in ast.parse(source).body:
+        if not isinstance(node, ast.Assign) or len(node.targets) != 1:
+            continue
+        target = node.targets[0]
+        names = [t.id for t in (target.elts if isinstance(target, ast.Tuple) else [target]) if isinstance(t, ast.Name)]
+        text, line = [], node.end_lineno
+        if line in comments and not lines[line - 1].lstrip().startswith("#"):
+            column, first = comments[line]
+            text.append(first)
+            while line + 1 in comments and comments[line + 1][0] == column and not lines[line].split("#")[0].strip():
+                line += 1
+                text.append(comments[line][1])          # a continuation, aligned under the comment
+        above = comments.get(node.lineno - 1)
+        if above and above[0] == 0 and above[1] and not above[1].startswith(("-", "defaults")):
+            for name in names:
+                headings[name] = above[1]
+        for name in names:
+            found[name] = " ".join(text)
+    return found, headings
+
+
+def print_help(namespace, defaults):
+    """What `--help` prints: the script's docstring, then its options, `--name=default  comment`."""
+    path = namespace.get("__file__") or "script"
+    script = os.path.basename(path)
+    print((namespace.get("__doc__") or "").strip() or f"python {script}")
+    print(f"\nusage: python {script} [CONFIG.py | CONFIG.json ...] [--key=value ...]   (later ones win)\n\noptions:")
+    comments, headings = option_comments(path) if os.path.isfile(path) else ({}, {})
+    for key, value in defaults.items():
+        if key in headings:
+            print(f"  [{headings[key]}]")
+        shown = f"    --{key}=" + ('""' if value == "" else str(value))      # as it is typed
+        note = comments.get(key, "")
+        print(shown if not note else f"{shown:<40} {note}" if len(shown) < 40 else f"{shown}\n{'':<41}{note}")
+
+
 def configure(argv, namespace):
     """Apply config files and --key=value overrides (later ones win) to the globals in `namespace`,
     starting from the defaults each time (a second call in one process does not inherit the first's
-    choices). Returns the set of keys that were given."""
+    choices). Returns the set of keys that were given. `--help` prints the options and exits."""
     defaults = namespace.setdefault("_defaults", {k: namespace[k] for k in option_keys(namespace)})
     namespace.update(defaults)
     keys = list(defaults)
     given = set()
+    if "--help" in argv or "-h" in argv:
+        print_help(namespace, defaults)
+        raise SystemExit(0)
 
     def assign(key, value, source):
         if key not in keys:
-            close = difflib.get_close_matches(key, keys, n=3)
-            raise SystemExit(f"{source}: unknown option {key!r}" + (f"; did you mean {close}?" if close else ""))
+            close = close_options(key, keys)
+            script = os.path.basename(namespace.get("__file__") or "") or "the script"
+            raise SystemExit(f"{source}: unknown option {key!r}"
+                             + (f"; did you mean {' or '.join('--' + k for k in close)}?" if close else "")
+                             + f" (python {script} --help lists them all)")
         default, given_as = namespace[key], value
         where = f"--{key}" if source == "command line" else f"{source}: {key}"
         if isinstance(value, str) and source == "command line":
@@ -114,13 +178,29 @@ def configure(argv, namespace):
         if arg.startswith("--"):
             key, sep, value = arg[2:].partition("=")
             if not sep:
-                raise SystemExit(f"expected --key=value, got {arg!r}")
+                raise SystemExit(f"expected --key=value, got {arg!r} (--help lists the options)")
             assign(key, value, "command line")
         else:
             for key, value in read_config_file(arg).items():
                 if not key.startswith("_"):
                     assign(key, value, arg)
     return given
+
+
+def check_values(namespace, choices, ranges):
+    """Every option's value, the message naming the option: choices {name: allowed values}; ranges
+    {name: (lowest, highest)}, None = unbounded; every float option must also be finite."""
+    for name, allowed in choices.items():
+        if namespace[name] not in allowed:
+            raise SystemExit(f"--{name} must be one of {tuple(allowed)}, got {namespace[name]!r}")
+    for name in option_keys(namespace):
+        if isinstance(namespace[name], float) and not math.isfinite(namespace[name]):
+            raise SystemExit(f"--{name} must be finite, got {namespace[name]}")
+    for name, (low, high) in ranges.items():
+        value = namespace[name]
+        if value < low or (high is not None and value > high):
+            raise SystemExit(f"--{name} must be " + (f"in [{low}, {high}]" if high is not None else f">= {low}")
+                             + f", got {value}")
 
 
 def cosine_lr(step, total, warmup, peak):

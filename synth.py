@@ -282,7 +282,11 @@ def make_synthetic_dataset(out_dir, num_train=2000, num_eval=300, seed=0, num_fr
     return paths
 
 
-if __name__ == "__main__":
-    configure(sys.argv[1:], globals())
+def main(argv):
+    configure(argv, globals())
     made = make_synthetic_dataset(out, num_train, num_eval, seed, num_frames, size)
     print("\n".join(f"{split}: {path}" for split, path in made.items()))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

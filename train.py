@@ -14,10 +14,8 @@ Every default below can be overridden with --key=value, or by a config file (a .
 `name = literal` lines, or .json) given as a plain argument; later arguments win (configurator.py).
 """
 import json
-import math
 import os
 import sys
-import tempfile
 import time
 import warnings
 
@@ -25,13 +23,15 @@ import torch
 from tqdm import tqdm
 
 import checkpoint
-from configurator import barrier, configure, cosine_lr, option_keys, setup_distributed, shutdown_distributed
+from configurator import (barrier, check_values, configure, cosine_lr, option_keys, setup_distributed,
+                          shutdown_distributed)
 from data import TEMPLATES, ClipCache, load_jsonl
 from eval import evaluate
 from tables import format_comparison
 from grpo_rank import BOUNDS, DCG_KINDS, LOSS_TYPES, METHODS, SCALES
 from model import ModelConfig, VideoLM
 from oracle import ORACLE_NAMES, make_oracle
+from records import RunLog, check_writable
 from sft import train_sft
 from synth import make_synthetic_dataset
 from train_step import StepConfig, shard, train_step
@@ -125,6 +125,10 @@ RUNTIME_OPTIONS = ("dtype", "load_in_4bit", "gradient_checkpointing", "num_frame
 MODEL_OPTIONS = ("vision", "lm", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")   # it is made of these
 
 
+CHOICES = {"advantage": METHODS, "dcg_kind": DCG_KINDS, "bound": BOUNDS, "scale_rewards": SCALES,
+           "ratio_policy": ("rollout", "reference"), "loss_type": LOSS_TYPES, "loss_agg": ("", "sequence", "token"),
+           "oracle": ORACLE_NAMES, "template": TEMPLATES, "vision_post_layernorm": ("auto", "true", "false"),
+           "report_to": ("none", "tensorboard")}
 # numeric options: (lowest, highest) allowed, None = unbounded; every float must also be finite
 RANGES = {"save_every": (1, None), "eval_every": (0, None), "eval_size": (0, None), "eval_batch_size": (1, None),
           "num_threads": (1, None), "stop_after_steps": (0, None), "num_train": (1, None), "num_eval": (0, None),
@@ -142,36 +146,12 @@ RANGES = {"save_every": (1, None), "eval_every": (0, None), "eval_size": (0, Non
 
 def check_options():
     """Every option's value, at start (before any data or model work), the message naming the option."""
-    for name, value, choices in [("advantage", advantage, METHODS), ("dcg_kind", dcg_kind, DCG_KINDS),
-                                 ("bound", bound, BOUNDS), ("scale_rewards", scale_rewards, SCALES),
-                                 ("ratio_policy", ratio_policy, ("rollout", "reference")),
-                                 ("loss_type", loss_type, LOSS_TYPES), ("loss_agg", loss_agg, ("", "sequence", "token")),
-                                 ("oracle", oracle, ORACLE_NAMES), ("template", template, TEMPLATES),
-                                 ("vision_post_layernorm", vision_post_layernorm, ("auto", "true", "false")),
-                                 ("report_to", report_to, ("none", "tensorboard"))]:
-        if value not in choices:
-            raise SystemExit(f"--{name} must be one of {choices}, got {value!r}")
-    for name, (low, high) in RANGES.items():
-        value = globals()[name]
-        if isinstance(value, float) and not math.isfinite(value):
-            raise SystemExit(f"--{name} must be finite, got {value}")
-        if value < low or (high is not None and value > high):
-            raise SystemExit(f"--{name} must be " + (f"in [{low}, {high}]" if high is not None else f">= {low}")
-                             + f", got {value}")
+    check_values(globals(), CHOICES, RANGES)
     if loss_agg:   # the earlier option name, kept as an alias
         globals()["loss_type"] = {"sequence": "grpo", "token": "bnpo"}[loss_agg]
     if temperature == 0:
         warnings.warn("temperature=0 samples greedily: the G responses of a group are identical, the Oracle ties "
                       "them, and every advantage is zero (nothing to learn). Use a temperature > 0 for training.")
-
-
-def check_out_dir():
-    """Fail now, not after the warm start has trained, when out_dir cannot be written."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
-    except OSError as err:
-        raise SystemExit(f"--out_dir={out_dir} is not writable: {err}") from None
 
 
 def resume_from(ckpt_dir, given):
@@ -278,51 +258,55 @@ def prompts_of_process(batch_index, rank, world):
     return batch_index[rank::world].tolist()
 
 
-# ----------------------------------------------------------------------------- records
+# ----------------------------------------------------------------------------- the loop's bookkeeping
 
-def keep_metrics_until(path, step):
-    """Drop the lines of steps after the checkpoint we resume from (a crashed run's tail), and any
-    half-written line (with a warning naming it)."""
-    kept = []
-    if step > 0 and os.path.exists(path):
-        with open(path) as f:
-            for number, line in enumerate(f, start=1):
-                try:
-                    if line.strip() and json.loads(line)["step"] <= step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-                except (ValueError, KeyError, TypeError):
-                    warnings.warn(f"{path}:{number}: unreadable metrics line dropped (a run killed mid-write?)")
-    with open(path, "w") as f:
-        f.writelines(kept)
+def schedule(num_samples, world, master):
+    """(steps per epoch, total steps): Algorithm 1's epochs over the prompts D, one global batch
+    (batch_size prompts on each of `world` processes) per step, at most max_steps."""
+    global_batch = batch_size * world
+    steps_per_epoch = num_samples // global_batch
+    if steps_per_epoch == 0:
+        raise SystemExit(f"{num_samples} training samples are fewer than one global batch ({global_batch})")
+    total_steps = min(max_steps, epochs * steps_per_epoch)
+    if master and total_steps < max_steps:
+        print(f"running {total_steps} steps, not max_steps={max_steps}: epochs={epochs} x {steps_per_epoch} steps "
+              f"per epoch; raise --epochs for more")
+    return steps_per_epoch, total_steps
 
 
-def append_jsonl(path, row):
-    with open(path, "a") as f:
-        f.write(json.dumps(row) + "\n")
+def count_faults(metrics, counters, step, bad_in_a_row):
+    """Move a step's fault counts out of its metrics into the run's counters. -> non-finite steps in a row,
+    and after max_bad_steps of them an error naming the checkpoint to resume from."""
+    skipped = metrics.pop("nonfinite_step")
+    for key in COUNTERS[:3]:
+        counters[key] += metrics.pop(key)
+    counters["nonfinite_steps"] += int(skipped)
+    if not skipped:
+        return 0
+    warnings.warn(f"step {step}: non-finite loss or gradient, optimizer step skipped ({bad_in_a_row + 1} in a row)")
+    return bad_in_a_row + 1
 
 
-def tensorboard(master):
-    """A TensorBoard writer into out_dir/tensorboard with --report_to=tensorboard (process 0), else None.
-    metrics.jsonl stays the record; this is for watching a run live: tensorboard --logdir=OUT_DIR."""
-    if report_to != "tensorboard" or not master:
-        return None
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise SystemExit("--report_to=tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(os.path.join(out_dir, "tensorboard"))
+def stop_if_failing(bad_in_a_row, step, ckpt_dir):
+    """Called after the step's metrics line is written, so the run's record is complete."""
+    if bad_in_a_row < max_bad_steps:
+        return
+    last = checkpoint.latest(ckpt_dir)        # skipped steps change no weight: every checkpoint is good
+    origin = sft_checkpoint or os.path.join(out_dir, "sft")
+    raise RuntimeError(f"{bad_in_a_row} non-finite steps in a row at step {step}; stopping. " +
+                       (f"The last good checkpoint is {last} (--resume=True continues from it)" if last else
+                        f"No checkpoint was written yet; the run started from {origin}"))
 
 
-def report(writer, prefix, values, step):
-    """Numbers of a metrics row or an evaluation (its by_* breakdowns as prefix/by_category/NAME) to TensorBoard."""
-    for key, value in (values or {}).items() if writer is not None else ():
-        if isinstance(value, dict):
-            for name, metrics in value.items():
-                writer.add_scalar(f"{prefix}/{key}/{name}", metrics["accuracy"], step)
-        elif isinstance(value, (int, float)) and not isinstance(value, bool):
-            writer.add_scalar(f"{prefix}/{key}", value, step)
-    if writer is not None:
-        writer.flush()
+def finish(log, before, after, config, timings, counters):
+    """results.json, the before/after table; -> the results."""
+    results = {"before": before, "after": after, "config": config, "seconds": timings, "counters": counters}
+    log.results(results)
+    if log.master:
+        if before and after:
+            print(format_comparison(before, after, names=("before (SFT)", f"after ({advantage})")))
+        print(f"wrote {out_dir}/results.json; {counters}; {timings['total']:.0f} s in all")
+    return results
 
 
 # ----------------------------------------------------------------------------- main
@@ -340,21 +324,13 @@ def main(argv):
     torch.manual_seed(seed)
     timings, start = {}, time.time()
     if master:
-        check_out_dir()
+        check_writable(out_dir)
         print("config: " + json.dumps(config))
+    log = RunLog(out_dir, master, report_to)
 
     train_samples, eval_samples = load_datasets(master)                  # the prompts D
-    global_batch = batch_size * world
-    steps_per_epoch = len(train_samples) // global_batch
-    if steps_per_epoch == 0:
-        raise SystemExit(f"{len(train_samples)} training samples are fewer than one global batch ({global_batch})")
-    total_steps = min(max_steps, epochs * steps_per_epoch)
-    if master and total_steps < max_steps:
-        print(f"running {total_steps} steps, not max_steps={max_steps}: epochs={epochs} x {steps_per_epoch} steps "
-              f"per epoch; raise --epochs for more")
-    timings["data"] = time.time() - start
-
-    tick = time.time()
+    steps_per_epoch, total_steps = schedule(len(train_samples), world, master)
+    timings["data"], tick = time.time() - start, time.time()
     policy, state = start_policy(master, train_samples, device, overrides, found)   # pi_theta <- pi_SFT
     timings["sft"] = time.time() - tick
     policy.disable_dropout()
@@ -362,91 +338,62 @@ def main(argv):
     if world > 1:
         shard(policy)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=learning_rate, weight_decay=weight_decay)
-    ranker = build_oracle()
+    ranker, step_config = build_oracle(), StepConfig.from_options(globals())
     generator = torch.Generator(device=device).manual_seed(seed + 1000 * rank)
     step, counters, before = 0, dict.fromkeys(COUNTERS, 0), None
     if state:
         step, counters, before = checkpoint.restore_training(policy, optimizer, generator, state, seed, rank, world)
         counters = {**dict.fromkeys(COUNTERS, 0), **counters}
-
+    held_out = lambda progress: (evaluate(policy, eval_samples, batch_size=eval_batch_size, progress=progress)
+                                 if eval_samples else {})
     tick = time.time()
-    if before is None:
-        before = evaluate(policy, eval_samples, batch_size=eval_batch_size, progress=master) if eval_samples else {}
+    before = held_out(master) if before is None else before
     timings["eval_before"] = time.time() - tick
-    metrics_path = os.path.join(out_dir, "metrics.jsonl")
-    if master:
-        keep_metrics_until(metrics_path, step)
+    log.start(step)
+    log.evaluation(before, step, record=False)
 
-    step_config, writer = StepConfig.from_options(globals()), tensorboard(master)
-    report(writer, "eval", before, step)
-    tick, bad_in_a_row, steps_this_run = time.time(), 0, 0
+    tick, bad_in_a_row = time.time(), 0
+    last_step = min(total_steps, step + stop_after_steps) if stop_after_steps else total_steps   # this invocation's
     clips = ClipCache(clip_cache_mb * 2**20) if clip_cache_mb else None
     bar = tqdm(total=total_steps, initial=step, desc="grpo_rank", disable=not master)
-    while step < total_steps:                                             # Algorithm 1 lines 2 and 4
+    while step < last_step:                                               # Algorithm 1 lines 2 and 4
         epoch, step_in_epoch = divmod(step, steps_per_epoch)
         if step_in_epoch == 0:
             policy.snapshot_reference()                                   # line 3: pi_ref <- pi_theta
         step_start = time.time()
-        batch_index = global_batch_indices(len(train_samples), epoch, step_in_epoch, global_batch, seed)
+        batch_index = global_batch_indices(len(train_samples), epoch, step_in_epoch, batch_size * world, seed)
         samples = [train_samples[i] for i in prompts_of_process(batch_index, rank, world)]
         lr = cosine_lr(step, total_steps, warmup_steps, learning_rate)
         metrics = train_step(policy, optimizer, samples, ranker, step_config, lr, generator, step, clips=clips)  # l. 5-10
-        skipped, samples_done = metrics.pop("nonfinite_step"), metrics.pop("samples")
-        for key in COUNTERS[:3]:
-            counters[key] += metrics.pop(key)
-        counters["nonfinite_steps"] += int(skipped)
-        bad_in_a_row = bad_in_a_row + 1 if skipped else 0
-        if skipped:
-            warnings.warn(f"step {step}: non-finite loss or gradient, optimizer step skipped ({bad_in_a_row} in a row)")
-        step, steps_this_run = step + 1, steps_this_run + 1
+        bad_in_a_row = count_faults(metrics, counters, step, bad_in_a_row)
+        step += 1
         row = {"step": step, "epoch": epoch, **metrics, "lr": lr, **counters,
-               "samples_per_s": samples_done / (time.time() - step_start), "seconds": time.time() - start}
-        if master:
-            append_jsonl(metrics_path, row)
-            report(writer, "train", row, step)
-            bar.update(1)
-            bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['sample_accuracy']:.2f}",
-                            ndcg=f"{row['ndcg_agreement']:.2f}")
-        if bad_in_a_row >= max_bad_steps:   # after its metrics line, so the run's record is complete
-            last = checkpoint.latest(ckpt_dir)   # skipped steps change no weight: every checkpoint is good
-            start = sft_checkpoint or os.path.join(out_dir, "sft")
-            raise RuntimeError(f"{bad_in_a_row} non-finite steps in a row at step {step}; stopping. " +
-                               (f"The last good checkpoint is {last} (--resume=True continues from it)" if last else
-                                f"No checkpoint was written yet; the run started from {start}"))
+               "samples_per_s": metrics.pop("samples") / (time.time() - step_start), "seconds": time.time() - start}
+        log.step(row)
+        bar.update(1)
+        bar.set_postfix(loss=f"{row['loss']:.3f}", acc=f"{row['sample_accuracy']:.2f}", ndcg=f"{row['ndcg_agreement']:.2f}")
+        stop_if_failing(bad_in_a_row, step, ckpt_dir)
         if eval_every and step % eval_every == 0 and step < total_steps and eval_samples:
-            mid = evaluate(policy, eval_samples, batch_size=eval_batch_size, progress=False)
+            mid = held_out(False)
             if master:
                 tqdm.write(f"step {step}: held-out accuracy {mid['accuracy']:.3f}")
-                append_jsonl(os.path.join(out_dir, "evals.jsonl"), {"step": step, **mid})
-                report(writer, "eval", mid, step)
-        if step % save_every == 0 or step == total_steps or steps_this_run == stop_after_steps:
-            state = {"step": step, "epoch": step // steps_per_epoch, "config": config, "counters": counters, "before": before}
+            log.evaluation(mid, step)
+        if step % save_every == 0 or step == last_step:
+            state = {"step": step, "epoch": step // steps_per_epoch, "config": config, "counters": counters,
+                     "before": before}
             checkpoint.save_training(ckpt_dir, policy, optimizer, generator, state, master)
-        if steps_this_run == stop_after_steps and step < total_steps:
-            bar.close()
-            if master:
-                print(f"stopped after {steps_this_run} steps (stop_after_steps); --resume=True continues")
-            if writer is not None:
-                writer.close()
-            shutdown_distributed()
-            return None
     bar.close()
-    timings["rl"] = time.time() - tick
-
-    tick = time.time()
-    after = evaluate(policy, eval_samples, batch_size=eval_batch_size, progress=master) if eval_samples else {}
-    timings["eval_after"] = time.time() - tick
-    timings["total"] = time.time() - start
-    results = {"before": before, "after": after, "config": config, "seconds": timings, "counters": counters}
-    if master:
-        report(writer, "eval", after, step)
-        with open(os.path.join(out_dir, "results.json"), "w") as f:
-            json.dump(results, f, indent=2)
-        if before and after:
-            print(format_comparison(before, after, names=("before (SFT)", f"after ({advantage})")))
-        print(f"wrote {out_dir}/results.json; {counters}; {timings['total']:.0f} s in all")
-    if writer is not None:
-        writer.close()
+    results = None
+    if step < total_steps:
+        if master:
+            print(f"stopped after {stop_after_steps} steps (stop_after_steps) at step {step}; --resume=True continues")
+    else:
+        timings["rl"], tick = time.time() - tick, time.time()
+        after = held_out(master)
+        timings["eval_after"], timings["total"] = time.time() - tick, time.time() - start
+        log.evaluation(after, step, record=False)
+        results = finish(log, before, after, config, timings, counters)
+    log.close()
     shutdown_distributed()
     return results
 

@@ -155,6 +155,51 @@ class PhaseTimer:
         setattr(obj, method, timed)
 
 
+def optimise(policy, optimizer, batch, advantages, old_logp, ref_logp, config, phase):
+    """Algorithm 1 line 10: mu passes of the clipped objective (Eq. 6) over one rollout. advantages: (B*G,);
+    old_logp, ref_logp: (B*G, L) (ref_logp None without the KL term). A non-finite loss or gradient skips
+    the step on every process, and a skipped step changes nothing: the weights and optimizer state of
+    before its first update are put back. -> (losses, loss stats per pass, whether the step was skipped)"""
+    device = policy.device
+    losses, loss_stats, nonfinite, before = [], [], False, None
+    num_items = reduce_sum([batch.loss_mask.sum().item()], device)[0] / rank_and_world()[1]   # "dapo": all tokens
+    for _ in range(config.num_iterations):
+        with phase("forward"):
+            logp = completion_logprobs(policy, batch, with_entropy=config.entropy_coef != 0)
+            logp, entropy = logp if isinstance(logp, tuple) else (logp, None)
+            loss, stats = grpo_rank_loss(logp, old_logp, ref_logp if config.beta != 0 else None, advantages,
+                                         batch.loss_mask, config.epsilon, config.epsilon_high or None, config.beta,
+                                         entropy, config.entropy_coef, config.loss_type, config.max_new_tokens,
+                                         num_items, config.use_bias_correction_kl)
+            nonfinite = reduce_sum([float(not torch.isfinite(loss))], device)[0] > 0   # all processes skip together
+        if nonfinite:
+            break
+        with phase("optimizer"):
+            optimizer.zero_grad(set_to_none=True)
+        with phase("backward"):
+            loss.backward()
+        with phase("optimizer"):
+            grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), config.grad_clip)
+            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
+            if not torch.isfinite(grad_norm):
+                nonfinite = True
+                break
+            if before is None and config.num_iterations > 1:
+                before = ([p.detach().clone() for p in policy.trainable_parameters()],
+                          copy.deepcopy(optimizer.state_dict()))
+            optimizer.step()
+        losses.append(loss.item())
+        loss_stats.append(stats)
+    if nonfinite:
+        optimizer.zero_grad(set_to_none=True)
+        if before is not None:
+            with torch.no_grad():
+                for param, saved in zip(policy.trainable_parameters(), before[0]):
+                    param.copy_(saved)
+            optimizer.load_state_dict(before[1])
+    return losses, loss_stats, nonfinite
+
+
 def train_step(policy, optimizer, samples, oracle, config, lr, generator, step=0, timer=None, clips=None):
     """Algorithm 1 lines 5-10 on this process's prompts. policy: VideoLM (LoRA, reference snapshot
     taken); samples: B dataset rows; config: StepConfig; lr: this step's learning rate; generator:
@@ -200,44 +245,7 @@ def train_step(policy, optimizer, samples, oracle, config, lr, generator, step=0
             group["lr"] = lr
         policy.train()
 
-    # line 10: mu passes. A non-finite loss or gradient skips the step on every process, and a skipped
-    # step changes nothing: the weights and optimizer state of before its first update are put back.
-    losses, loss_stats, nonfinite, before = [], [], False, None
-    num_items = reduce_sum([batch.loss_mask.sum().item()], device)[0] / rank_and_world()[1]   # "dapo": all tokens
-    for _ in range(config.num_iterations):
-        with phase("forward"):
-            logp = completion_logprobs(policy, batch, with_entropy=config.entropy_coef != 0)
-            logp, entropy = logp if isinstance(logp, tuple) else (logp, None)
-            loss, stats = grpo_rank_loss(logp, old_logp, ref_logp if config.beta != 0 else None, advantages,
-                                         batch.loss_mask, config.epsilon, config.epsilon_high or None, config.beta,
-                                         entropy, config.entropy_coef, config.loss_type, config.max_new_tokens,
-                                         num_items, config.use_bias_correction_kl)
-            nonfinite = reduce_sum([float(not torch.isfinite(loss))], device)[0] > 0   # all processes skip together
-        if nonfinite:
-            break
-        with phase("optimizer"):
-            optimizer.zero_grad(set_to_none=True)
-        with phase("backward"):
-            loss.backward()
-        with phase("optimizer"):
-            grad_norm = torch.nn.utils.clip_grad_norm_(policy.trainable_parameters(), config.grad_clip)
-            grad_norm = grad_norm.full_tensor() if hasattr(grad_norm, "full_tensor") else grad_norm
-            if not torch.isfinite(grad_norm):
-                nonfinite = True
-                break
-            if before is None and config.num_iterations > 1:
-                before = ([p.detach().clone() for p in policy.trainable_parameters()],
-                          copy.deepcopy(optimizer.state_dict()))
-            optimizer.step()
-        losses.append(loss.item())
-        loss_stats.append(stats)
-    if nonfinite:
-        optimizer.zero_grad(set_to_none=True)
-        if before is not None:
-            with torch.no_grad():
-                for param, saved in zip(policy.trainable_parameters(), before[0]):
-                    param.copy_(saved)
-            optimizer.load_state_dict(before[1])
+    losses, loss_stats, nonfinite = optimise(policy, optimizer, batch, advantages, old_logp, ref_logp, config, phase)
 
     with phase("metrics"):   # means over this process's groups, then over processes
         valid_groups = max(1.0, valid.float().sum().item())

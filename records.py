@@ -1,0 +1,107 @@
+"""
+What a training run writes in its out_dir, so that train.py's loop reads as Algorithm 1:
+
+    metrics.jsonl   one JSON line per RL step (train_step's metrics, the lr, the fault counters, samples/s)
+    evals.jsonl     one line per held-out evaluation during the run (--eval_every)
+    results.json    before / after accuracy, the configuration, seconds per phase, the fault counters
+    tensorboard/    the same numbers with --report_to=tensorboard, for watching a run live
+
+Only process 0 writes; on the other processes a RunLog does nothing. metrics.jsonl is the record
+(`python experiments.py --study=plot --plot_dir=OUT` draws it); TensorBoard is a view of it.
+"""
+import json
+import os
+import tempfile
+import warnings
+
+
+def check_writable(out_dir):
+    """Fail now, not after the warm start has trained, when out_dir cannot be written."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        tempfile.TemporaryFile(dir=out_dir).close()
+    except OSError as err:
+        raise SystemExit(f"--out_dir={out_dir} is not writable: {err}") from None
+
+
+def keep_metrics_until(path, step):
+    """Drop the lines of steps after the checkpoint we resume from (a crashed run's tail), and any
+    half-written line (with a warning naming it)."""
+    kept = []
+    if step > 0 and os.path.exists(path):
+        with open(path) as f:
+            for number, line in enumerate(f, start=1):
+                try:
+                    if line.strip() and json.loads(line)["step"] <= step:
+                        kept.append(line if line.endswith("\n") else line + "\n")
+                except (ValueError, KeyError, TypeError):
+                    warnings.warn(f"{path}:{number}: unreadable metrics line dropped (a run killed mid-write?)")
+    with open(path, "w") as f:
+        f.writelines(kept)
+
+
+def append_jsonl(path, row):
+    with open(path, "a") as f:
+        f.write(json.dumps(row) + "\n")
+
+
+def tensorboard_writer(out_dir):
+    """A TensorBoard SummaryWriter into out_dir/tensorboard; a clear message if the package is missing."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise SystemExit("--report_to=tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(os.path.join(out_dir, "tensorboard"))
+
+
+class RunLog:
+    """The run's records in out_dir (process 0 only). Opened before any work, so a missing TensorBoard
+    is reported before the warm start trains; `start(step)` trims metrics.jsonl to the step resumed from."""
+
+    def __init__(self, out_dir, master, report_to="none"):
+        self.out_dir, self.master = out_dir, master
+        self.writer = tensorboard_writer(out_dir) if master and report_to == "tensorboard" else None
+
+    def path(self, name):
+        return os.path.join(self.out_dir, name)
+
+    def start(self, step):
+        if self.master:
+            keep_metrics_until(self.path("metrics.jsonl"), step)
+
+    def step(self, row):
+        """One step's metrics row (it holds "step")."""
+        if self.master:
+            append_jsonl(self.path("metrics.jsonl"), row)
+            self.scalars("train", row, row["step"])
+
+    def evaluation(self, results, step, record=True):
+        """A held-out evaluation: to evals.jsonl (record=True; before and after go to results.json) and TensorBoard."""
+        if self.master and record:
+            append_jsonl(self.path("evals.jsonl"), {"step": step, **results})
+        self.scalars("eval", results, step)
+
+    def results(self, results):
+        """results.json, written beside its place and renamed in: experiments.py takes its presence for a
+        finished run, so it is never seen half-written."""
+        if self.master:
+            path = self.path("results.json")
+            with open(path + ".tmp", "w") as f:
+                json.dump(results, f, indent=2)
+            os.replace(path + ".tmp", path)
+
+    def scalars(self, prefix, values, step):
+        """Numbers of a metrics row or an evaluation (its by_* breakdowns as prefix/by_category/NAME) to TensorBoard."""
+        if self.writer is None:
+            return
+        for key, value in (values or {}).items():
+            if isinstance(value, dict):
+                for name, metrics in value.items():
+                    self.writer.add_scalar(f"{prefix}/{key}/{name}", metrics["accuracy"], step)
+            elif isinstance(value, (int, float)) and not isinstance(value, bool):
+                self.writer.add_scalar(f"{prefix}/{key}", value, step)
+        self.writer.flush()
+
+    def close(self):
+        if self.writer is not None:
+            self.writer.close()
