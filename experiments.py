@@ -31,9 +31,12 @@ import subprocess
 import sys
 import time
 
-from configurator import configure
 from bandits import bandit_table
+from configurator import configure
 from grpo_rank import FLOOR
+from plots import plot_run
+from records import archive_metrics, read_jsonl
+from report import LATE_KEYS, Study, variant_name, write_report
 
 # -----------------------------------------------------------------------------
 study = "video"            # "video" | "bandit" | "plot"
@@ -57,7 +60,8 @@ sft_seed = 1337            # the warm start of the default `python train.py` ...
 sft_threads = 2            # ... trained with its thread count, so it is the same model
 variants = True            # also the paper's open variants
 probes = True              # also PROBES (below), each at its own seeds
-report = False             # only collect, plot and print
+report = False             # only collect, plot, print and write RESULTS.md
+results_md = "RESULTS.md"  # the full record, rendered from results/RESULTS.template.md (report.py)
 num_threads = 1
 parallel = 2               # runs at a time
 # -----------------------------------------------------------------------------
@@ -79,11 +83,6 @@ PROBES = [("beta0.01", "beta=0.01", "lambda", ["--beta=0.01"], "0"),   # a quart
           ("steps1600-beta0", f"{LONG}/beta=0", "lambda_floor", [*STEPS_1600, "--beta=0"], "0"),   # and safe
           ("steps1600", LONG, "rank_reward", STEPS_1600, "0,1,2"),    # there?
           ("steps1600", LONG, "pairwise_gain", STEPS_1600, "0,1,2")]
-
-
-def variant_name(beta, prefix=""):
-    """A row's variant: "default" (train.py's beta), "beta=0", "floor=0.25", "floor=0.25/beta=0"."""
-    return "/".join(p for p in (prefix, "" if beta == betas.split(",")[0] else f"beta={beta}") if p) or "default"
 
 
 def result_path(name):
@@ -123,12 +122,12 @@ def plan():
                         continue   # default_seeds' extra seeds: the default, its rival, cells with a wide spread
                     runs.append((f"{method}-{oracle}{tag}-s{seed}",
                                  [f"--advantage={method}", f"--oracle={oracle}", f"--beta={beta}", f"--seed={seed}"],
-                                 {"method": method, "variant": variant_name(beta), "oracle": oracle, "seed": int(seed)}))
+                                 {"method": method, "variant": variant_name(beta, default_beta), "oracle": oracle, "seed": int(seed)}))
                 for floor in floors.split(",") if floors and seed in seed_list else []:
                     runs.append((f"lambda_floor-floor{floor}-{oracle}{tag}-s{seed}",
                                  ["--advantage=lambda_floor", f"--floor={floor}", f"--oracle={oracle}",
                                   f"--beta={beta}", f"--seed={seed}"],
-                                 {"method": "lambda_floor", "variant": variant_name(beta, f"floor={floor}"),
+                                 {"method": "lambda_floor", "variant": variant_name(beta, default_beta, f"floor={floor}"),
                                   "oracle": oracle, "seed": int(seed)}))
         if index == 0 and learning_rates:
             for method in METHODS[1:]:
@@ -205,16 +204,6 @@ def run_all(runs, sft):
     return failed
 
 
-def read_jsonl(path):
-    if not os.path.exists(path):
-        return []
-    with open(path) as f:
-        return [json.loads(line) for line in f if line.strip()]
-
-
-LATE_KEYS = ("sample_accuracy", "entropy", "mean_abs_advantage", "kl")   # metrics.jsonl, averaged over the last 100 steps
-
-
 def collect(runs):
     rows = []
     for name, _, info in runs:
@@ -227,6 +216,8 @@ def collect(runs):
         curve = [(0, result["before"]["accuracy"])] + [(e["step"], e["accuracy"]) for e in evals]
         steps = result["config"]["max_steps"]
         curve.append((steps, result["after"]["accuracy"]))
+        if os.path.exists(os.path.join(run_dir, "metrics.jsonl")):      # a finished run's record, archived
+            archive_metrics(os.path.join(run_dir, "metrics.jsonl"))
         metrics = read_jsonl(os.path.join(run_dir, "metrics.jsonl"))
         rows.append({**info, "name": name, "before": result["before"]["accuracy"], "after": result["after"]["accuracy"],
                      "by_category": {"before": {k: v["accuracy"] for k, v in result["before"]["by_category"].items()},
@@ -241,235 +232,13 @@ def collect(runs):
     return rows
 
 
-def runs_of(rows, method, oracle, variant):
-    """The finished runs of one cell: a method under an Oracle in one variant ("default", "beta=0", ...)."""
-    return [r for r in rows if (r["method"], r["oracle"], r["variant"]) == (method, oracle, variant)]
-
-
-def late_table(rows):
-    """What the policy does at the end of training, per method and Oracle at the default beta: held-out accuracy
-    beside the last 100 steps' means of the training metrics (sampled accuracy on training prompts at
-    temperature 1, per-token entropy, mean |advantage|, KL to the reference), each averaged over seeds."""
-    lines = ["| method | Oracle | seeds | held-out % | sampled % (last 100 steps) | entropy | mean abs advantage | KL |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for method in METHODS:
-        for oracle in ORACLES:
-            picked = [r for r in runs_of(rows, method, oracle, "default") if r.get("last100")]
-            if not picked:
-                continue
-            late = {key: statistics.mean(r["last100"][key] for r in picked) for key in LATE_KEYS}
-            lines.append(f"| {method} | {oracle} | {len(picked)} | {100 * statistics.mean(r['after'] for r in picked):.1f} "
-                         f"| {100 * late['sample_accuracy']:.1f} | {late['entropy']:.2f} | {late['mean_abs_advantage']:.3f} "
-                         f"| {late['kl']:.4f} |")
-    return "\n".join(lines)
-
-
-def probe_table(rows):
-    """The PROBES' runs, mean ± std over their seeds, beside the same method's runs at the same seeds and Oracle
-    in the main grid (at the default beta, or at beta 0 for a probe without the KL term)."""
-    lines = ["| probe | method | Oracle | seeds | held-out % | entropy (last 100 steps) | collapsed "
-             "| the same seeds without the probe: held-out %, entropy |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for _, variant, method, _, _ in PROBES:
-        base_variant = "beta=0" if "beta=0" in variant.split("/") else "default"
-        for oracle in ORACLES:
-            picked = runs_of(rows, method, oracle, variant)
-            if not picked:
-                continue
-            seeds_run = {r["seed"] for r in picked}
-            base = [r for r in runs_of(rows, method, oracle, base_variant) if r["seed"] in seeds_run]
-            entropy = lambda runs: f"{statistics.mean(r['last100']['entropy'] for r in runs):.2f}"
-            base_cell = f"{mean_std([r['after'] for r in base])}, {entropy(base)}" if base else "-"
-            lines.append(f"| {variant} | {method} | {oracle} | {len(picked)} | {mean_std([r['after'] for r in picked])} "
-                         f"| {entropy(picked)} | {sum(collapsed(r) for r in picked)}/{len(picked)} | {base_cell} |")
-    return "\n".join(lines)
-
-
-def collapsed(row):
-    """A run whose responses ran to max_new_tokens at the end (the length collapse)."""
-    return row["truncated_last50"] > 0.5
-
-
-def summary_table(rows, by_floor=False, prefix=""):
-    """Mean ± std of held-out accuracy after RL (gain over the warm start), per method (or lambda_floor's
-    floor), Oracle and beta; prefix: the variant of every row ("steps=1600": the longer horizon's probes), a
-    method with no such runs left out."""
-    columns = [(oracle, beta) for oracle in ORACLES for beta in betas.split(",")]
-    specs = [(method, method, prefix) for method in METHODS]
-    if by_floor:   # the floors as spelled in the run names (floors), train.py's (grpo_rank.FLOOR) as "default"
-        other = [(float(f), f"floor {f}", f"floor={f}") for f in floors.split(",")] if floors else []
-        specs = [(label, "lambda_floor", floor_prefix)
-                 for _, label, floor_prefix in sorted([(FLOOR, f"floor {FLOOR:g}", ""), *other])]
-    header = " | ".join(f"{o}, beta {b}" for o, b in columns)
-    lines = ["| " + ("lambda_floor" if by_floor else "method") + " | " + header + " |",
-             "| --- |" + " --- |" * len(columns)]
-    for label, method, spec_prefix in specs:
-        cells = []
-        for oracle, beta in columns:
-            picked = runs_of(rows, method, oracle, variant_name(beta, spec_prefix))
-            if not picked:
-                cells.append("-")
-                continue
-            gains = [100 * (r["after"] - r["before"]) for r in picked]
-            seeds_run = f"{len(picked)} seed{'s' if len(picked) > 1 else ''}"
-            cell = f"{mean_std([r['after'] for r in picked])} ({statistics.mean(gains):+.1f}; {seeds_run})"
-            broken = sum(collapsed(r) for r in picked)
-            cells.append(cell + (f", collapsed {broken}/{len(picked)}" if broken else ""))
-        if any(cell != "-" for cell in cells):
-            lines.append(f"| {label} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def flattening_table(rows, long_variant=LONG):
-    """Have the curves flattened? Mean held-out % over seeds at half, three quarters and the end of each
-    horizon (default beta), for the methods run at both."""
-    lines = ["| method | Oracle | horizon | seeds | at 1/2 | at 3/4 | at the end | last quarter |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- |"]
-    for method in METHODS:
-        for oracle in ORACLES:
-            if not runs_of(rows, method, oracle, long_variant):
-                continue
-            for variant in ("default", long_variant):
-                picked = runs_of(rows, method, oracle, variant)
-                if not picked:
-                    continue
-                steps = picked[0]["steps"]
-                at = [statistics.mean(100 * dict(r["curve"])[step] for r in picked)
-                      for step in (steps // 2, steps * 3 // 4, steps)]
-                lines.append(f"| {method} | {oracle} | {steps} | {len(picked)} | {at[0]:.1f} | {at[1]:.1f} | {at[2]:.1f} "
-                             f"| {at[2] - at[1]:+.1f} |")
-    return "\n".join(lines)
-
-
-def lr_table(rows):
-    """Held-out accuracy after RL by learning rate (reference Oracle, first seed; 1e-3 is train.py's)."""
-    seed = int(seeds.split(",")[0])
-    rates = sorted({"1e-3", *learning_rates.split(",")}, key=float)
-    lines = ["| method | " + " | ".join(f"lr {rate}" for rate in rates) + " |", "| --- |" + " --- |" * len(rates)]
-    for method in METHODS[1:]:
-        cells = []
-        for rate in rates:
-            variant = "default" if rate == "1e-3" else f"lr={rate}"
-            picked = [r for r in rows
-                      if (r["method"], r["oracle"], r["variant"], r["seed"]) == (method, "reference", variant, seed)]
-            cells.append(f"{100 * picked[0]['after']:.1f}" if picked else "-")
-        lines.append(f"| {method} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def mean_std(values):
-    values = [100 * v for v in values]
-    if not values:
-        return "-"
-    spread = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.1f} ± {spread:.1f}"
-
-
-def table(rows, oracle):
-    """Markdown, shaped like the paper's Table 2: rows = categories + overall, columns = SFT and methods."""
-    main = [r for r in rows if r["oracle"] == oracle and r["variant"] == "default"]
-    if not main:
-        return ""
-    categories = sorted(main[0]["by_category"]["before"])
-    columns = ["SFT"] + [m for m in METHODS if any(r["method"] == m for r in main)]
-    lines = ["| category | " + " | ".join(columns) + " |", "| --- |" + " --- |" * len(columns)]
-    for category in categories + ["Overall"]:
-        cells = []
-        for column in columns:
-            picked = main if column == "SFT" else [r for r in main if r["method"] == column]
-            key = "before" if column == "SFT" else "after"
-            if column == "SFT":
-                picked = picked[:1]    # one warm start for all runs
-            values = [r[key] if category == "Overall" else r["by_category"][key][category] for r in picked]
-            cells.append(mean_std(values))
-        lines.append(f"| {category} | " + " | ".join(cells) + " |")
-    return "\n".join(lines)
-
-
-def variant_table(rows):
-    seed = int(seeds.split(",")[0])
-    picked = [r for r in rows if r["method"] == "paper" and r["oracle"] == "reference" and r["seed"] == seed]
-    lines = ["| dcg_kind / bound / ratio_policy | before | after |", "| --- | --- | --- |"]
-    for r in sorted(picked, key=lambda r: r["variant"]):
-        name = "eq10/symmetric/rollout" if r["variant"] == "default" else r["variant"]
-        lines.append(f"| {name} | {100 * r['before']:.1f} | {100 * r['after']:.1f} |")
-    return "\n".join(lines)
-
-
-def smooth(values, width=10):
-    """Trailing moving average: per-step training metrics are noisy."""
-    return [statistics.mean(values[max(0, i - width + 1):i + 1]) for i in range(len(values))]
-
-
-PANELS = [("curve", "held-out accuracy (greedy)", False),
-          ("sample_accuracy", "accuracy of the sampled responses (10-step mean)", True),
-          ("oracle_rank", "mean Oracle rank of the samples (10-step mean; identical responses tie at\n"
-                          "rank 0, so a policy that collapses onto one answer scores 0)", True)]
-
-
-def plot(rows, path):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(len(PANELS), len(ORACLES), figsize=(6.5 * len(ORACLES), 4 * len(PANELS)), squeeze=False)
-    for column, oracle in enumerate(ORACLES):
-        for method in METHODS:
-            runs = [r for r in rows if r["oracle"] == oracle and r["method"] == method and r["variant"] == "default"]
-            if not runs:
-                continue
-            for row_index, (key, _, smoothed) in enumerate(PANELS):
-                steps = [s for s, _ in runs[0][key]]
-                series = [[v for _, v in r[key]] for r in runs if len(r[key]) == len(steps)]
-                if smoothed:
-                    series = [smooth(values) for values in series]
-                ax = axes[row_index][column]
-                ax.plot(steps, [statistics.mean(v) for v in zip(*series)], label=f"{method} ({len(series)} seeds)")
-                ax.fill_between(steps, [min(v) for v in zip(*series)], [max(v) for v in zip(*series)], alpha=0.2)
-        for row_index, (_, title, _) in enumerate(PANELS):
-            ax = axes[row_index][column]
-            ax.set_title(f"{oracle} Oracle: {title}", fontsize=9)
-            ax.set_xlabel("RL step")
-            if ax.get_legend_handles_labels()[0]:
-                ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-
-
-RUN_PANELS = ["loss", "mean_abs_advantage", "sample_accuracy", "ndcg_agreement", "kl", "entropy", "clip_fraction",
-              "response_length", "truncated_fraction", "lr"]
-
-
-def plot_run(path):
-    """One run's curves: every RUN_PANELS metric of metrics.jsonl by step (and its 10-step mean), and the
-    held-out accuracy of evals.jsonl / results.json. -> the PNG's path."""
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    rows = read_jsonl(os.path.join(path, "metrics.jsonl"))
-    if not rows:
-        raise SystemExit(f"{path}: no metrics.jsonl lines to plot")
-    fig, axes = plt.subplots(3, 4, figsize=(16, 9))
-    steps = [row["step"] for row in rows]
-    for ax, key in zip(axes.flat, RUN_PANELS):
-        values = [row.get(key, float("nan")) for row in rows]
-        ax.plot(steps, values, alpha=0.3)
-        ax.plot(steps, smooth(values), label="10-step mean")
-        ax.set_title(key, fontsize=9)
-    evals = [(e["step"], e["accuracy"]) for e in read_jsonl(os.path.join(path, "evals.jsonl"))]
-    if os.path.exists(os.path.join(path, "results.json")):
-        with open(os.path.join(path, "results.json")) as f:
-            result = json.load(f)
-        evals = [(0, result["before"].get("accuracy"))] + evals + [(steps[-1], result["after"].get("accuracy"))]
-    ax = axes.flat[len(RUN_PANELS)]
-    ax.plot([s for s, _ in evals], [a for _, a in evals], marker="o")
-    ax.set_title("held-out accuracy", fontsize=9)
-    axes.flat[-1].axis("off")
-    for ax in axes.flat:
-        ax.set_xlabel("RL step", fontsize=8)
-    fig.tight_layout()
-    png = os.path.join(path, "curves.png")
-    fig.savefig(png, dpi=80)
-    print(f"wrote {png}")
-    return png
+def settings():
+    """What the report needs of this plan."""
+    return Study(methods=METHODS, oracles=ORACLES, betas=betas.split(","), seeds=seeds.split(","),
+                 floors=floors.split(",") if floors else [], default_floor=FLOOR,
+                 learning_rates=learning_rates.split(",") if learning_rates else [], variants=variants,
+                 probes=[(variant, method) for _, variant, method, _, _ in PROBES] if probes else [],
+                 long_variant=LONG, max_steps=max_steps)
 
 
 def main(argv):
@@ -489,31 +258,7 @@ def main(argv):
         json.dump([{k: v for k, v in r.items() if k not in ("curve", "oracle_rank", "sample_accuracy")}
                    | {"curve": r["curve"]}
                    for r in rows], f, indent=1)
-    if rows:
-        plot(rows, os.path.join(out_dir, "curves.png"))
-    print(f"\nheld-out exact match (%) after {max_steps} RL steps, mean ± std over seeds (gain over the warm start)\n")
-    print(summary_table(rows))
-    for oracle in ORACLES:
-        print(f"\nby category, {oracle} Oracle, beta {betas.split(',')[0]}, mean ± std over seeds\n")
-        print(table(rows, oracle))
-    print(f"\nthe end of training, beta {betas.split(',')[0]}: held-out accuracy and the last 100 steps' means, over seeds\n")
-    print(late_table(rows))
-    if floors:
-        print(f"\nlambda_floor by floor (train.py's: {FLOOR:g}), mean ± std over seeds (gain over the warm start)\n")
-        print(summary_table(rows, by_floor=True))
-    if learning_rates:
-        print(f"\nby learning rate (reference Oracle, beta {betas.split(',')[0]}, seed {seeds.split(',')[0]})\n")
-        print(lr_table(rows))
-    if variants:
-        print("\nthe paper's advantage under its open variants (reference Oracle, one seed)\n")
-        print(variant_table(rows))
-    if probes:
-        print("\nprobes, mean ± std over their seeds, beside the same seeds without the probe\n")
-        print(probe_table(rows))
-        print("\nheld-out exact match (%) after 1600 RL steps (the steps=1600 probes), mean ± std over seeds\n")
-        print(summary_table(rows, prefix=LONG))
-        print("\nhave the curves flattened? held-out % at 1/2, 3/4 and the end of each horizon, mean over seeds\n")
-        print(flattening_table(rows))
+    write_report(rows, settings(), out_dir, results_md=results_md)
     print(f"\n{len(rows)} of {len(runs)} runs finished; wrote {out_dir}/ablation.json and {out_dir}/curves.png")
     if failed:
         raise SystemExit(f"{len(failed)} run(s) failed, each with its train.log: {', '.join(failed)}")

@@ -96,3 +96,18 @@ def test_an_unknown_option_names_the_closest_known_ones():
     with pytest.raises(SystemExit, match=r"expected --key=value, got '--resume' \(--help lists the options\)"):
         configure(["--resume"], vars(train))
     importlib.reload(train)
+
+
+# ----------------------------------------------------------------------------- the README
+
+def test_the_readmes_loss_example_runs_as_written():
+    import re
+    import torch
+    with open(os.path.join(HERE, "README.md"), encoding="utf-8") as f:
+        example = re.search(r"```python\n(.*?)```", f.read(), re.S).group(1)
+    namespace = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    advantages = namespace["advantages"]
+    assert advantages.shape == (1, 4) and abs(advantages.sum().item()) < 1e-6     # pushes sum to zero per group
+    assert advantages[0, 1] == advantages.max() and advantages[0, 2] == advantages.min()   # best up, worst down
+    assert namespace["logp"].grad is not None and torch.isfinite(namespace["logp"].grad).all()
