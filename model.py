@@ -28,7 +28,7 @@ from safetensors.torch import save_file
 
 import checkpoint
 from data import IMAGE, build_prompt, clip_pixels, fit_frames
-from rollout import sample_token
+from rollout import positions, prefill, sample_token, shared_prefix_logits
 from synth import tiny_lm, tiny_vision, word_tokenizer
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer"
@@ -49,7 +49,7 @@ class ModelConfig:
     lora_alpha: int = 16
     lora_dropout: float = 0.0
     lora_target_modules: str = "q_proj,k_proj,v_proj,o_proj"
-    load_in_4bit: bool = False    # QLoRA: NF4 base weights, needs CUDA
+    load_in_4bit: bool = False    # QLoRA: NF4 base weights (bitsandbytes; CUDA, or slowly on the CPU)
     dtype: str = "float32"        # "bfloat16" for real models on GPU
     gradient_checkpointing: bool = False
     share_prefix: bool = False    # score a group's G completions on one cached pass over their shared prompt
@@ -99,11 +99,13 @@ def build_parts(config, vocab_words=None):
     else:
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or config.lm)
         quantization = None
-        if config.load_in_4bit:
-            if not torch.cuda.is_available():
-                raise ValueError("load_in_4bit=True (QLoRA) needs a CUDA GPU: bitsandbytes' 4-bit layers "
-                                 "do not run on the CPU. Set --load_in_4bit=False to train in "
-                                 f"{config.dtype} instead.")
+        if config.load_in_4bit:       # bitsandbytes >= 0.49 runs NF4 layers on the CPU too (slowly): CI tests QLoRA
+            try:
+                import bitsandbytes  # noqa: F401  (transformers would fail later, with less to go on)
+            except ImportError:
+                raise ValueError("load_in_4bit=True (QLoRA) needs bitsandbytes: pip install bitsandbytes "
+                                 f"(or --load_in_4bit=False to train in {config.dtype})") from None
+            check_4bit_widths(config.lm)
             from transformers import BitsAndBytesConfig
             quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype)
@@ -113,6 +115,19 @@ def build_parts(config, vocab_words=None):
     if config.load_in_4bit and config.lm == "tiny":
         raise ValueError("load_in_4bit=True needs a pretrained LM (--lm=PATH), not the tiny default")
     return vision, lm, tokenizer
+
+
+def check_4bit_widths(lm_path):
+    """bitsandbytes' 4-bit CPU kernels (0.50) need every layer's input width to be a multiple of 64 (real LMs'
+    are: 4096, 11008); name the LM and its widths instead of failing inside bitsandbytes at the first forward."""
+    from transformers import AutoConfig
+    if torch.cuda.is_available():
+        return
+    text = AutoConfig.from_pretrained(lm_path).get_text_config()
+    widths = {name: getattr(text, name, 0) for name in ("hidden_size", "intermediate_size")}
+    if any(width % 64 for width in widths.values()):
+        raise ValueError(f"load_in_4bit=True on the CPU: bitsandbytes' 4-bit kernels need layer widths that are "
+                         f"multiples of 64, and {lm_path} has {widths}. Use --load_in_4bit=False, or a CUDA GPU.")
 
 
 class VideoLM(nn.Module):
@@ -131,8 +146,8 @@ class VideoLM(nn.Module):
         if config.lm != "tiny":
             # a pretrained LM trains only through LoRA: checkpoints hold adapters + projector (MB), not its weights (GB)
             self.lm.requires_grad_(False)
-        if config.gradient_checkpointing:
-            self.lm.gradient_checkpointing_enable()
+        if config.gradient_checkpointing:   # non-reentrant: the shared prefix's cache must keep its gradients
+            self.lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if config.lora_r > 0:
             self._wrap_lora()
 
@@ -142,7 +157,8 @@ class VideoLM(nn.Module):
         from peft import get_peft_model, prepare_model_for_kbit_training
         if self.config.load_in_4bit:
             self.lm = prepare_model_for_kbit_training(
-                self.lm, use_gradient_checkpointing=self.config.gradient_checkpointing)
+                self.lm, use_gradient_checkpointing=self.config.gradient_checkpointing,
+                gradient_checkpointing_kwargs={"use_reentrant": False})
         self.lm = get_peft_model(self.lm, self._lora_config())
 
     def _lora_config(self):
@@ -309,8 +325,8 @@ class VideoLM(nn.Module):
         context = self.reference() if reference else contextlib.nullcontext((self.lm, self.projector))
         with context as (lm, projector):
             embeds, mask = self.prompt_embeddings(features, prompt_ids, prompt_mask, lm, projector)
-            if self.config.share_prefix and group_size > 1 and not self.config.gradient_checkpointing:
-                return self._shared_prefix_logits(lm, embeds, mask, completion_ids, completion_mask, group_size)
+            if self.config.share_prefix and group_size > 1:      # the prefix once per prompt (rollout.py)
+                return shared_prefix_logits(lm, embeds, mask, completion_ids, completion_mask, group_size)
             embeds, mask = embeds.repeat_interleave(group_size, 0), mask.repeat_interleave(group_size, 0)
             embeds = torch.cat([embeds, lm.get_input_embeddings()(completion_ids)], 1)
             mask = torch.cat([mask, completion_mask.to(mask.dtype)], 1)
@@ -319,17 +335,6 @@ class VideoLM(nn.Module):
             out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask),
                      logits_to_keep=predicting, use_cache=False)
             return out.logits
-
-    def _shared_prefix_logits(self, lm, embeds, mask, completion_ids, completion_mask, group_size):
-        """The same logits, the prefix run once per prompt (prefill; gradients flow through its repeated KV
-        cache), then the G completions alone. embeds: (B, P', D), mask: (B, P') -> (B*G, L, vocab)."""
-        cache, first = prefill(lm, embeds, mask, group_size)      # first predicts completion token 0
-        if completion_ids.shape[1] == 1:
-            return first
-        full_mask = torch.cat([mask.repeat_interleave(group_size, 0), completion_mask.to(mask.dtype)], 1)
-        rest = lm(input_ids=completion_ids[:, :-1], attention_mask=full_mask[:, :-1],
-                  position_ids=positions(full_mask)[:, mask.shape[1]:-1], cache=cache, use_cache=True)
-        return torch.cat([first, rest.logits], 1)
 
     @torch.no_grad()
     def generate(self, features, prompt_ids, prompt_mask, group_size=1, max_new_tokens=8, greedy=False,
@@ -423,19 +428,6 @@ def video_chatgpt_pool(patches):
     """Video-ChatGPT pooling. patches: (B, T, S, C) -> (B, T + S, C): T temporal tokens (mean
     over the S patches of each frame), then S spatial tokens (mean over the T frames of each patch)."""
     return torch.cat([patches.mean(2), patches.mean(1)], 1)
-
-
-def prefill(lm, embeds, mask, group_size):
-    """The [visual, prompt] prefix run once per prompt, its KV cache then repeated for the G completions (the
-    same numbers as G runs of it). embeds: (B, P', D), mask: (B, P') -> (cache, last logits (B*G, 1, vocab))."""
-    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), logits_to_keep=1, use_cache=True)
-    out.cache.batch_repeat_interleave(group_size)
-    return out.cache, out.logits.repeat_interleave(group_size, 0)
-
-
-def positions(mask):
-    """Position ids that skip left padding: (N, L) mask -> (N, L) long."""
-    return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
 def pad(sequences, pad_id, device=None, left=True):

@@ -14,9 +14,12 @@ is of the distribution the responses were sampled from: the logits divided by th
 TRL does), so the ratio, l_i and the entropy describe what was sampled. (top_p's truncation is not
 scored, also as in TRL.)
 """
+import contextlib
 from dataclasses import dataclass
 
 import torch
+from transformers.cache_utils import Cache, DynamicLayer
+from transformers.modeling_layers import GradientCheckpointingLayer
 
 
 @dataclass
@@ -85,6 +88,81 @@ def completion_logprobs(policy, batch, reference=False, with_entropy=False):
                                       batch.completion_ids, batch.completion_mask,
                                       group_size=batch.group_size, reference=reference)
     return token_logprobs(logits, batch.completion_ids, with_entropy, temperature=batch.temperature)
+
+
+# ----------------------------------------------------------------------------- the shared [video, prompt] prefix
+
+def positions(mask):
+    """Position ids that skip left padding: (N, L) mask -> (N, L) long."""
+    return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+
+def prefill(lm, embeds, mask, group_size):
+    """The [visual, prompt] prefix run once per prompt, its KV cache then repeated for the G completions (the
+    same numbers as G runs of it). embeds: (B, P', D), mask: (B, P') -> (cache, last logits (B*G, 1, vocab))."""
+    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), logits_to_keep=1, use_cache=True)
+    out.cache.batch_repeat_interleave(group_size)
+    return out.cache, out.logits.repeat_interleave(group_size, 0)
+
+
+class RecordOnceLayer(DynamicLayer):
+    """The prefix pass's cache layer. Under gradient checkpointing a decoder layer runs twice, in the forward
+    and again in the backward's replay; a plain cache would append the replay's keys to the forward's. Here
+    the first call records its keys and values and every call gets back exactly what it passed: the replay
+    computes what the forward did."""
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+            self.keys, self.values = key_states, value_states
+        return key_states, value_states
+
+
+class PrefixLayer(DynamicLayer):
+    """The completions' cache layer: the recorded prefix keys and values, repeated for the G completions of each
+    prompt (gradients flow back through the repeat), read and never extended, so a replay sees the same prefix."""
+
+    def __init__(self, keys, values):
+        super().__init__()
+        self.lazy_initialization(keys, values)
+        self.keys, self.values = keys, values
+
+    def update(self, key_states, value_states, *args, **kwargs):
+        return torch.cat([self.keys, key_states], -2), torch.cat([self.values, value_states], -2)
+
+
+@contextlib.contextmanager
+def checkpointed_with_cache(lm):
+    """Let checkpointed decoder layers keep the cache passed to them (transformers drops it, because a replay
+    would extend a plain cache twice; the two layers above replay safely)."""
+    layers = [m for m in lm.modules() if isinstance(m, GradientCheckpointingLayer) and m.gradient_checkpointing]
+    for layer in layers:
+        layer._can_checkpoint_with_cache = True
+    try:
+        yield
+    finally:
+        for layer in layers:
+            del layer._can_checkpoint_with_cache
+
+
+def shared_prefix_logits(lm, embeds, mask, completion_ids, completion_mask, group_size):
+    """Logits predicting each completion token, the prefix run once per prompt: the prefill records its keys
+    and values, the G completions of each prompt attend to them repeated (gradients flow through the repeat),
+    with or without gradient checkpointing. The same numbers as the full pass of each row.
+    embeds: (B, P', D) and mask: (B, P') of the [visual, prompt] prefix; completion_*: (B*G, L)
+    -> (B*G, L, vocab)."""
+    with checkpointed_with_cache(lm):
+        recorded = Cache(layer_class_to_replicate=RecordOnceLayer)
+        first = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), logits_to_keep=1,
+                   cache=recorded, use_cache=False).logits.repeat_interleave(group_size, 0)   # predicts token 0
+        if completion_ids.shape[1] == 1:
+            return first
+        cache = Cache(layers=[PrefixLayer(layer.keys.repeat_interleave(group_size, 0),
+                                          layer.values.repeat_interleave(group_size, 0)) for layer in recorded.layers])
+        full_mask = torch.cat([mask.repeat_interleave(group_size, 0), completion_mask.to(mask.dtype)], 1)
+        rest = lm(input_ids=completion_ids[:, :-1], attention_mask=full_mask[:, :-1],
+                  position_ids=positions(full_mask)[:, mask.shape[1]:-1], cache=cache, use_cache=False)
+    return torch.cat([first, rest.logits], 1)
 
 
 def tie_identical(seq_logp, completion_ids, completion_mask):

@@ -13,6 +13,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 
 import model
+import rollout as rollout_module
 import sft
 from data import IMAGE, build_prompt, load_jsonl, load_video
 from model import ModelConfig, VideoLM, make_projector
@@ -480,13 +481,6 @@ def test_config_and_projector_validation():
 
 # ----------------------------------------------------------------------------- pretrained parts, QLoRA
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the CPU-only error")
-def test_qlora_without_cuda_is_a_clear_error(pretrained_dirs):
-    _, lm_dir = pretrained_dirs
-    with pytest.raises(ValueError, match="CUDA"):
-        VideoLM(ModelConfig(lm=lm_dir, load_in_4bit=True, lora_r=4))
-
-
 def test_qlora_needs_a_pretrained_lm():
     with pytest.raises(ValueError, match="pretrained"):
         VideoLM(ModelConfig(load_in_4bit=True))
@@ -645,9 +639,10 @@ def test_cosine_lr_schedule():
 
 # ----------------------------------------------------------------------------- shared-prefix scoring
 
-def test_shared_prefix_scoring_equals_the_full_pass_with_gradients(frames, train_samples):
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_shared_prefix_scoring_equals_the_full_pass_with_gradients(frames, train_samples, checkpointing, monkeypatch):
     torch.manual_seed(0)
-    policy = VideoLM(ModelConfig())
+    policy = VideoLM(ModelConfig(gradient_checkpointing=checkpointing)).train()
     policy.add_lora(8, 16)
     randomize_lora_b(policy)
     policy.snapshot_reference()
@@ -660,12 +655,16 @@ def test_shared_prefix_scoring_equals_the_full_pass_with_gradients(frames, train
     completion_ids, completion_mask, _ = policy.generate(features, prompt_ids, prompt_mask, group_size=G,
                                                          max_new_tokens=5, generator=torch.Generator().manual_seed(1))
     assert completion_mask.sum(-1).min() < completion_mask.shape[1]     # some rows end early (padding after EOS)
-    results = {}
+    results, prefix_reads = {}, []
+    real_update = rollout_module.PrefixLayer.update
+    monkeypatch.setattr(rollout_module.PrefixLayer, "update", lambda *args, **kwargs: prefix_reads.append(1) or real_update(*args, **kwargs))
     for share in (False, True):
         policy.config.share_prefix = share
         policy.zero_grad()
         logits = policy.completion_logits(features, prompt_ids, prompt_mask, completion_ids, completion_mask, G)
         (logits.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) * completion_mask).sum().backward()
+        if share:   # each decoder layer read the shared prefix once, and again in the backward's replay if checkpointed
+            assert len(prefix_reads) == policy.lm.config.num_hidden_layers * (2 if checkpointing else 1)
         with torch.no_grad():
             reference = policy.completion_logits(features, prompt_ids, prompt_mask, completion_ids,
                                                  completion_mask, G, reference=True)

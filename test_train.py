@@ -357,24 +357,6 @@ def test_config_file_and_overrides(tmp_path):
 
 # ----------------------------------------------------------------------------- torchrun + FSDP2
 
-def test_torchrun_two_processes_fsdp(synth, tmp_path):
-    out = str(tmp_path / "out")
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-               os.path.join(HERE, "train.py"), "--max_steps=2", "--sft_steps=20", "--eval_size=16",
-               f"--out_dir={out}", f"--train_data={synth['train']}", f"--eval_data={synth['eval']}",
-               "--batch_size=4", "--num_generations=4", "--num_threads=1"]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(command, capture_output=True, text=True, timeout=170, cwd=str(tmp_path), env=env)
-    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
-    rows = read_metrics(out)
-    assert [r["step"] for r in rows] == [1, 2]
-    with open(os.path.join(out, "results.json")) as f:
-        results = json.load(f)
-    assert results["before"]["n"] == 16 and results["after"]["n"] == 16
-    # the sharded run's checkpoint loads in a single process
-    VideoLM.load(os.path.join(out, "ckpt", "model"))
-
-
 def test_only_explicit_runtime_options_override_a_loaded_checkpoint(tmp_path):
     module = importlib.reload(train)
     assert module.runtime_overrides(configure(["--learning_rate=1e-4"], vars(module))) == {}
