@@ -16,7 +16,7 @@ $ python bench.py            # every section (~4 min on 2 cores, most of it ViT-
   step      train_step.train_step on the main job's config (train.py's defaults, read without
             importing it), the SFT warm start of out/sft + LoRA: each phase as a share of the step;
             and decoding + preprocessing a batch vs the step (would a background loader help?).
-  prefix    scoring a rollout's completions, forward + backward: share_prefix vs the full pass.
+  prefix    scoring a rollout's completions, forward + backward: share_prefix vs the full pass (also checkpointed).
 
 Writes results/bench.json (a run with --only replaces just its own sections' figures there).
 """
@@ -137,9 +137,8 @@ def generate_no_cache(policy, features, prompt_ids, prompt_mask, group_size, gre
 
 @torch.no_grad()
 def rollout_figures(kind, rounds):
-    """Tiny: both rollouts end to end. ViT-B/16: B*G tower passes per round would take minutes, so a
-    rollout is timed in parts: encode-once = encode(B videos) + generate(B*G); per-sample = B*G x the
-    time of one per-sample step (encode one video, generate one response), every step the same work."""
+    """Tiny: both rollouts end to end. ViT-B/16 (B*G tower passes a round would take minutes) in parts: encode-once =
+    encode(B videos) + generate(B*G); per-sample = B*G x one per-sample step (encode one video, generate one)."""
     policy, samples, frames = rollout_policy(kind)
     sizes = [int(g) for g in group_sizes.split(",")]
     features = policy.encode_video(frames)
@@ -197,8 +196,7 @@ def logprob_run(variant):
     if DEVICE == "cuda":
         torch.cuda.reset_peak_memory_stats()
     elif os.path.exists("/proc/self/clear_refs"):
-        with open("/proc/self/clear_refs", "w") as f:            # VmHWM := now (Linux >= 4.0)
-            f.write("5")
+        open("/proc/self/clear_refs", "w").write("5")            # VmHWM := now (Linux >= 4.0); closed at once
     base = torch.cuda.memory_allocated() if DEVICE == "cuda" else rss("VmRSS")
     seconds = min(timed(lambda: fn(logits, ids).sum().item()) for _ in range(2))   # the first pays page faults
     peak = (torch.cuda.max_memory_allocated() if DEVICE == "cuda" else rss("VmHWM")) - base
@@ -264,13 +262,12 @@ class FakeJudge(http.server.BaseHTTPRequestHandler):
         content = json.dumps({"ranking": ids[::-1]})
         reply = json.dumps({"choices": [{"index": 0, "message": {"role": "assistant", "content": content}}]}).encode()
         self.send_response(200)
-        self.send_header("Content-Type", "application/json")
-        self.send_header("Content-Length", str(len(reply)))
+        for key, value in (("Content-Type", "application/json"), ("Content-Length", str(len(reply)))):
+            self.send_header(key, value)
         self.end_headers()
         self.wfile.write(reply)
 
-    def log_message(self, *args):   # quiet
-        pass
+    log_message = lambda self, *args: None   # quiet
 
 
 def oracle_figures(rounds):
@@ -307,13 +304,11 @@ def step_policy(share_prefix):
     found = os.path.exists(os.path.join(step_sft_dir, "config.json"))
     policy = VideoLM.load(step_sft_dir, share_prefix=share_prefix) if found else VideoLM(ModelConfig(share_prefix=share_prefix))
     policy.add_lora(TRAIN["lora_r"], TRAIN["lora_alpha"], TRAIN["lora_dropout"], TRAIN["lora_target_modules"])
-    policy.snapshot_reference()
-    policy.disable_dropout()
+    policy.snapshot_reference(), policy.disable_dropout()
     return policy.to(DEVICE), f"{'SFT checkpoint ' + step_sft_dir if found else 'fresh VideoLM'}, share_prefix={share_prefix}"
 
 
-# (key, label): train_step's phases; encode / generate are timed inside the rollout, and its rest
-# (the scoring pass, prompts, decoding the text) is the difference
+# (key, label): train_step's phases; encode and generate timed inside the rollout, the rest of it by difference
 STEP_PHASES = [("data", "decode the batch's videos"), ("encode", "rollout: encode_video"),
                ("generate", "rollout: generate"), ("rollout_rest", "rollout: scoring pass, prompts, text"),
                ("oracle", "Oracle ranks"), ("advantages", "rank advantages"), ("reference", "reference log-probs"),
@@ -330,8 +325,8 @@ def step_figures(rounds):
     oracle, generator = make_oracle(TRAIN["oracle"]), torch.Generator(DEVICE).manual_seed(TRAIN["seed"])
     steps, record, load = 3 if quick else max(step_count, rounds), {key: [] for key, _ in STEP_PHASES + [("step", 0)]}, []
     step_timer = PhaseTimer(cuda=DEVICE == "cuda")
-    step_timer.wrap(policy, "encode_video", "encode")
-    step_timer.wrap(policy, "generate", "generate")
+    for method, phase in (("encode_video", "encode"), ("generate", "generate")):
+        step_timer.wrap(policy, method, phase)
     for step in range(1 + steps):                                    # step 0 warms up
         batch = samples[step * TRAIN["batch_size"]:(step + 1) * TRAIN["batch_size"]]
         lr = cosine_lr(step, 100, TRAIN["warmup_steps"], TRAIN["learning_rate"])
@@ -383,12 +378,18 @@ def prefix_figures(rounds):
             logits = policy.completion_logits(features, prompt_ids, prompt_mask, ids, mask, group_size=group)
             (token_logprobs(logits, ids) * mask).sum().backward()
         return run
-    times = interleaved({"full": scoring(False), "shared": scoring(True)}, max(rounds, 5))
+    rows = []
+    for checkpointing in (False, True):   # config/paper_7b.py checkpoints: the shared prefix must hold there too
+        if checkpointing:
+            policy.train().lm.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        times = interleaved({"full": scoring(False), "shared": scoring(True)}, max(rounds, 5))
+        rows.append(figure(f"prefix: score B={len(samples)} G={group}, shared prefix vs full"
+                           + (", gradient checkpointing" if checkpointing else ""), "share_prefix=True",
+                           "full pass per row", times["shared"], times["full"],
+                           note=f"{source}; prefix {features.shape[1]} + {prompt_ids.shape[1]} tokens, completions "
+                                f"{ids.shape[1]}; {step_threads} torch thread(s)"))
     torch.set_num_threads(num_threads)
-    return [figure(f"prefix: score B={len(samples)} G={group}, shared prefix vs full", "share_prefix=True",
-                   "full pass per row", times["shared"], times["full"],
-                   note=f"{source}; prefix {features.shape[1]} + {prompt_ids.shape[1]} tokens, completions "
-                        f"{ids.shape[1]}; {step_threads} torch thread(s)")]
+    return rows
 
 
 # ----------------------------------------------------------------------------- report
@@ -399,6 +400,7 @@ def print_table(rows):
               f"{r['ratio']:.1%} of B" if r["ratio_is"] == "share A/B" else f"{r['ratio']:.2f}x ({r['ratio_is']})",
               r["target"], r["status"]] for r in rows]
     header = ["figure", "variant A", "A", "variant B", "B", "ratio", "target", "status"]
+    print()
     widths = [max(len(str(x)) for x in column) for column in zip(header, *lines)]
     for cells in [header] + lines:
         print(" | ".join(str(c).ljust(w) for c, w in zip(cells, widths)).rstrip())
@@ -424,7 +426,6 @@ def main(argv):
         print(f"{section} ...", flush=True)
         rows += [dict(row, section=section, run=machine["date"]) for row in figures[section](rounds)]
     machine.update(load_avg_end=os.getloadavg(), wall_s=time.perf_counter() - start)
-    print()
     print_table(rows)
     print(f"\n{machine}; {num_threads} thread(s). A, B: medians over rounds; ratio: how many times better A is")
     kept, runs = [], {}

@@ -8,6 +8,7 @@ $ python bench_gpu.py --load_in_4bit=True               # QLoRA, the paper's set
 $ torchrun --nproc_per_node=4 bench_gpu.py --baseline_step_s=12.3   # FSDP2 as train.py; scaling vs 1 GPU
 $ python bench_gpu.py --tiny=True --load_in_4bit=True    # tiny shapes on the GPU: checks the script in seconds
 $ python bench_gpu.py --cpu_smoke=True                  # the same code path, tiny shapes, on the CPU
+$ python bench_gpu.py --cpu=True --layers=2 --dtype=float32 --load_in_4bit=True   # the paper's widths, 2 layers, CPU
 
 Random parts are built from configs and written with save_pretrained to a cache directory, so the
 policy is loaded through model.py's normal pretrained path (from_pretrained, bitsandbytes, peft).
@@ -27,6 +28,12 @@ reported as medians over the timed steps, with generated tokens/s and torch.cuda
 Under torchrun every rank reports its own figures; rank 0 writes them all, and with --baseline_step_s
 (the 1-GPU step time at the same per-GPU batch) the weak-scaling efficiency baseline / step time
 (ideal 1.0) and the throughput speed-up N x baseline / step time (ideal N). Writes results/bench_gpu.json.
+
+Beside every measurement it prints `estimate`: a model of the same step at full depth (32 LM layers,
+24 vision layers) on one H100 / H200 and on 4 of them, from the step's FLOPs and bytes by phase at the
+paper's widths and stated assumptions (the share of peak FLOP/s the matmuls reach, the per-layer cost
+of each decoding step), so the first GPU run can be held against it. --layers=N measures the paper's
+widths at N layers (the CPU proof of the shapes, dtypes and memory of the path).
 """
 import json
 import os
@@ -61,6 +68,9 @@ cache_dir = ""               # where random parts are written; empty: $TMPDIR/be
 out_json = "results/bench_gpu.json"
 tiny = False                 # tiny shapes and settings (TINY_SMOKE) on the GPU: a quick check of the script
 cpu_smoke = False            # the same on the CPU: tests this script without a GPU
+cpu = False                  # run the chosen shapes (not tiny) on the CPU: with --layers, the paper's widths
+layers = 0                   # decoder layers of the random LM and vision tower (widths unchanged); 0: full depth
+fsdp = False                 # shard with FSDP2 even in one process (under torchrun: the NCCL / gloo path alone)
 num_threads = 0              # CPU threads for torch; 0: torch's default
 seed = 0
 # -----------------------------------------------------------------------------
@@ -126,7 +136,9 @@ def build_policy(device, rank, world):
     if not (vision and lm):
         small = tiny or cpu_smoke
         lm_shape, vision_shape = (TINY_LM, TINY_VISION) if small else (LLAMA_7B, CLIP_L_336)
-        tag = "tiny" if small else "7b"
+        if layers and not small:
+            lm_shape, vision_shape = ({**shape, "num_hidden_layers": layers} for shape in (lm_shape, vision_shape))
+        tag = "tiny" if small else f"7b{layers or ''}"
         root = os.path.join(cache_dir or os.path.join(tempfile.gettempdir(), "bench_gpu_parts"), f"{tag}_{dtype}")
         tokenizer = sized_tokenizer(lm_shape.get("vocab_size"))
         if rank == 0:
@@ -140,7 +152,7 @@ def build_policy(device, rank, world):
     policy = VideoLM(config)
     policy.snapshot_reference()
     policy.to(device)
-    if world > 1:
+    if world > 1 or fsdp:
         shard(policy)
     return policy, time.time() - start, {"vision": vision_dir, "lm": lm_dir}
 
@@ -200,22 +212,107 @@ def summarize(step_rows, generated, device, load_s, world):
     return row
 
 
+# ----------------------------------------------------------------------------- the estimate at full depth
+
+GPUS = {"H100": (989e12, 3.35e12, 80), "H200": (989e12, 4.8e12, 141)}   # dense bf16 FLOP/s, HBM bytes/s, GB
+MATMUL_SHARE = 0.4           # assumed share of peak FLOP/s reached by the step's matmuls (NF4 dequantises first)
+DECODE_LAYER_S = 0.5e-3      # assumed cost of one decoder layer in one decoding step (eager kernel launches)
+FSDP_SLOWDOWN = 1.1          # assumed: per-layer all-gathers overlap the compute but not fully
+PHASES = ("encode", "generation", "rollout_logp", "reference", "forward", "backward")
+
+
+def step_model(lm_layers, vision_layers, prompts, prompt_tokens):
+    """FLOPs by phase and peak bytes of one train_step at LLaMA-7B / CLIP ViT-L/14-336 widths. The LM passes
+    score the [video, prompt] prefix once per prompt and each prompt's G completions against it."""
+    D, F, V = LLAMA_7B["hidden_size"], LLAMA_7B["intermediate_size"], LLAMA_7B["vocab_size"]
+    Dv, Fv = CLIP_L_336["hidden_size"], CLIP_L_336["intermediate_size"]
+    patches = (CLIP_L_336["image_size"] // CLIP_L_336["patch_size"]) ** 2 + 1
+    layer_params, vision_params = 4 * D * D + 3 * D * F, 4 * Dv * Dv + 2 * Dv * Fv
+    prefix, rows, new = num_frames + patches - 1 + prompt_tokens, prompts * num_generations, max_new_tokens
+    token_flops = lambda context: 2 * layer_params + 4 * context * D            # one token through one layer
+    lm_pass = lm_layers * (prompts * prefix * token_flops(prefix) + rows * new * token_flops(prefix + new)) \
+        + 2 * D * V * rows * new
+    flops = {"encode": prompts * num_frames * patches * vision_layers * (2 * vision_params + 4 * patches * Dv),
+             "generation": lm_pass, "rollout_logp": lm_pass, "reference": lm_pass, "forward": lm_pass,
+             "backward": lm_pass * (2 if gradient_checkpointing else 1)}         # input grads (+ the replay)
+    weight_bytes = 0.5625 if load_in_4bit else 2                               # NF4 + its double-quant scales
+    weights = lm_layers * layer_params * weight_bytes + 2 * V * D * 2 + vision_layers * vision_params * 2
+    lora = lm_layers * 4 * 2 * D * lora_r * (4 + 4 + 8 + 4)                    # fp32 weight, grad, Adam; the ref copy
+    kv = lm_layers * rows * (prefix + new) * 2 * D * 2                         # the repeated cache, bf16
+    boundaries = lm_layers * (prompts * prefix + rows * new) * D * 2           # checkpointed layer inputs
+    logits = rows * new * V * 4
+    return flops, {"weights": weights, "lora": lora, "kv": kv, "activations": boundaries + logits,
+                   "peak": weights + lora + kv + boundaries + logits}
+
+
+def estimate(measured, policy):
+    """The measured step beside its model at this depth and at full depth on H100 / H200, one and four GPUs."""
+    measured_layers = policy.lm.config.num_hidden_layers
+    vision_layers = policy.vision.config.num_hidden_layers
+    prompt_tokens = 40
+    here_flops, here_bytes = step_model(measured_layers, vision_layers, batch_size, prompt_tokens)
+    full_flops, full_bytes = step_model(LLAMA_7B["num_hidden_layers"], CLIP_L_336["num_hidden_layers"], batch_size,
+                                        prompt_tokens)
+    weight_bytes = full_bytes["weights"] - 2 * LLAMA_7B["vocab_size"] * LLAMA_7B["hidden_size"] * 2
+    gpus = {}
+    for name, (peak_flops, bandwidth, memory_gb) in GPUS.items():
+        seconds = {phase: full_flops[phase] / (MATMUL_SHARE * peak_flops) for phase in PHASES}
+        seconds["generation"] += max_new_tokens * (weight_bytes / bandwidth
+                                                   + LLAMA_7B["num_hidden_layers"] * DECODE_LAYER_S)
+        step_s = sum(seconds.values())
+        four_gb = (full_bytes["peak"] - full_bytes["weights"] * 3 / 4) / 1e9   # FSDP: a quarter of the weights each
+        gpus[name] = {"phases_s": seconds, "step_s": step_s, "memory_gb": full_bytes["peak"] / 1e9,
+                      "fits": full_bytes["peak"] / 1e9 < memory_gb, "four_gpus_step_s": step_s * FSDP_SLOWDOWN,
+                      "four_gpus_memory_gb": four_gb,
+                      "four_gpus_samples_per_s": 4 * batch_size * num_generations / (step_s * FSDP_SLOWDOWN)}
+    return {"measured_layers": measured_layers, "measured_phases_s": measured["phases_s"],
+            "modelled_flops_here": here_flops, "modelled_bytes_here": here_bytes, "full_depth_flops": full_flops,
+            "full_depth_bytes": full_bytes, "gpus": gpus,
+            "assumptions": {"matmul_share_of_peak": MATMUL_SHARE, "decode_layer_s": DECODE_LAYER_S,
+                            "fsdp_slowdown": FSDP_SLOWDOWN, "prompt_tokens": prompt_tokens, "gpus": GPUS}}
+
+
+def print_estimate(found):
+    here = found["measured_layers"]
+    print(f"\n{'phase':<14} {'measured here':>14} {'TFLOP here':>11} {'TFLOP 32 layers':>16} "
+          + " ".join(f"{name + ' est.':>10}" for name in found["gpus"]))
+    for phase in PHASES:
+        print(f"{phase:<14} {found['measured_phases_s'].get(phase, 0.0):>12.2f} s "
+              f"{found['modelled_flops_here'][phase] / 1e12:>11.2f} {found['full_depth_flops'][phase] / 1e12:>16.1f} "
+              + " ".join(f"{gpu['phases_s'][phase]:>8.2f} s" for gpu in found["gpus"].values()))
+    print(f"modelled memory at {here} layers {found['modelled_bytes_here']['peak'] / 1e9:.1f} GB; at full depth "
+          f"{found['full_depth_bytes']['peak'] / 1e9:.1f} GB (" + ", ".join(
+              f"{k} {v / 1e9:.1f}" for k, v in found["full_depth_bytes"].items() if k != "peak") + ")")
+    for name, gpu in found["gpus"].items():
+        print(f"estimate {name}: step {gpu['step_s']:.1f} s, {gpu['memory_gb']:.0f} GB "
+              f"({'fits' if gpu['fits'] else 'does NOT fit'}); 4 x {name} (FSDP2, same per-GPU batch): step "
+              f"{gpu['four_gpus_step_s']:.1f} s, {gpu['four_gpus_memory_gb']:.0f} GB each, "
+              f"{gpu['four_gpus_samples_per_s']:.1f} samples/s")
+    print(f"assumptions: {found['assumptions']['matmul_share_of_peak']:.0%} of peak FLOP/s, "
+          f"{found['assumptions']['decode_layer_s'] * 1e3:.1f} ms per layer per decoding step, FSDP2 "
+          f"x{found['assumptions']['fsdp_slowdown']}; an estimate to hold the first GPU run against, not a figure")
+
+
 def main(argv):
     from configurator import configure
     configure(argv, globals())
     if tiny or cpu_smoke:   # tiny settings, except those given on the command line
         given = {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}
         globals().update({k: v for k, v in TINY_SMOKE.items() if k not in given})
-    elif not torch.cuda.is_available():
+    elif not torch.cuda.is_available() and not cpu:
         print("bench_gpu.py: no CUDA device here, nothing to measure (--cpu_smoke=True runs the code path "
-              "on tiny shapes on the CPU)")
+              "on tiny shapes on the CPU; --cpu=True --layers=2 the paper's widths at 2 layers)")
         return None
     import torch.distributed as dist
     from configurator import setup_distributed, shutdown_distributed
     from oracle import make_oracle
     from train_step import PhaseTimer, train_step
+    if fsdp and "WORLD_SIZE" not in os.environ:
+        raise SystemExit("--fsdp=True runs under torchrun: torchrun --nproc_per_node=1 bench_gpu.py --fsdp=True ...")
+    if fsdp and not dist.is_initialized():      # FSDP2 needs a process group, even of one process
+        dist.init_process_group("nccl" if torch.cuda.is_available() and not (cpu or cpu_smoke) else "gloo")
     rank, world, device = setup_distributed()
-    if cpu_smoke:
+    if cpu_smoke or cpu:
         device = torch.device("cpu")
     if num_threads:
         torch.set_num_threads(num_threads)
@@ -258,7 +355,9 @@ def main(argv):
                   "split_s": ranks[0]["split"], "per_rank": ranks, "parts": parts,
                   "config": {k: globals()[k] for k in ("load_in_4bit", "dtype", "gradient_checkpointing", "lora_r",
                                                        "batch_size", "num_generations", "max_new_tokens",
-                                                       "num_frames", "steps", "warmup_steps", "tiny", "cpu_smoke")}}
+                                                       "num_frames", "steps", "warmup_steps", "tiny", "cpu_smoke",
+                                                       "cpu", "layers", "fsdp")}}
+        result["estimate"] = estimate(mine, policy)
         if baseline_step_s > 0:
             result["scaling"] = {"baseline_step_s": baseline_step_s,
                                  "efficiency": baseline_step_s / step_s,          # ideal 1.0 (same per-GPU batch)
@@ -270,6 +369,7 @@ def main(argv):
         memory = f"{mine['peak_memory_gib']:.1f} GiB peak" if "peak_memory_gib" in mine else f"{mine['peak_rss_gib']:.1f} GiB RSS"
         print(f"bench_gpu: {world} x {result['device']}: step {step_s:.3f} s ({split}); "
               f"{mine['generation_tokens_per_s']:.0f} generated tokens/s; {memory}; wrote {out_json}")
+        print_estimate(result["estimate"])
         if "scaling" in result:
             print(f"bench_gpu: scaling vs {baseline_step_s:.3f} s on 1 GPU: efficiency "
                   f"{result['scaling']['efficiency']:.2f}, throughput x{result['scaling']['throughput_speedup']:.2f}")

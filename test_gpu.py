@@ -1,7 +1,8 @@
-"""GPU-only tests: QLoRA (4-bit NF4) loading through model.py, one RL step of train.py in bf16 on
-CUDA (with and without 4-bit), generation on CUDA, a converted LLaVA-style checkpoint on CUDA, and
-bench_gpu.py at tiny shapes. Every test here is skipped without CUDA (CI never has a GPU). The
-"pretrained" parts are tiny random models written with save_pretrained (bench_gpu.save_random_parts)."""
+"""GPU-only tests: QLoRA (4-bit NF4) on CUDA through model.py, one RL step of train.py in bf16 on CUDA
+(with and without 4-bit), generation on CUDA, a converted LLaVA-style checkpoint generated and evaluated
+on CUDA, and bench_gpu.py at tiny shapes. Every test here is skipped without CUDA (CI never has a GPU);
+their device-independent halves run on the CPU in test_paper_setting.py, and gpu_check.sh runs this file
+first. The "pretrained" parts are tiny random models written with save_pretrained."""
 import importlib
 import json
 import os
@@ -113,6 +114,12 @@ def test_converted_checkpoint_runs_on_cuda(tmp_path):
     ids, mask = policy.encode_prompts([{"question": "what colour?"}, {"question": "how many?"}])
     tokens, keep, _ = policy.generate(features, ids, mask, group_size=2, max_new_tokens=3)
     assert tokens.is_cuda and tokens.shape[0] == 4
+    from eval import evaluate                                 # and evaluated, as eval.py --checkpoint does
+    from synth import make_synthetic_dataset
+    from data import load_jsonl
+    synth = make_synthetic_dataset(str(tmp_path / "synth"), num_train=4, num_eval=6)
+    results = evaluate(policy, load_jsonl(synth["eval"]), task="exact", batch_size=3, progress=False)
+    assert results["n"] == 6 and 0.0 <= results["accuracy"] <= 1.0
 
 
 @pytest.mark.parametrize("load_in_4bit", [False, True])

@@ -186,3 +186,21 @@ def test_torchrun_four_processes_end_to_end_then_resumed_at_four_and_at_two(tmp_
         assert len(set(questions)) == len(questions)      # each group ranked in one call, by one process
     assert not set(asked[0]) & set(asked[1])              # the resumed step takes the epoch's next prompts
     VideoLM.load(os.path.join(out, "ckpt", "model"))      # the sharded run's checkpoint loads alone
+
+
+# ----------------------------------------------------------------------------- the GPU script's CPU-safe parts
+
+def test_gpu_check_script_runs_its_cpu_safe_parts_and_writes_the_record(tmp_path):
+    """gpu_check.sh --cpu: bench_gpu.py's tiny path and a one-process FSDP2 step over gloo, each under its own
+    time limit, merged into one JSON record (on a GPU the same script runs test_gpu.py and the 7B shapes)."""
+    record = tmp_path / "bench_gpu.json"
+    env = {**os.environ, "GPU_CHECK_DIR": str(tmp_path / "logs"), "GPU_CHECK_JSON": str(record), "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(["bash", os.path.join(HERE, "gpu_check.sh"), "--cpu"], capture_output=True, text=True,
+                          timeout=600, env=env)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    checks = json.load(open(record))["checks"]
+    assert set(checks) == {"tiny_cpu", "fsdp_gloo"} and all(c["exit"] == 0 for c in checks.values())
+    fsdp = checks["fsdp_gloo"]["result"]
+    assert fsdp["config"]["fsdp"] and fsdp["step_s"] > 0 and fsdp["per_rank"][0]["generation_tokens_per_s"] > 0
+    gpus = fsdp["estimate"]["gpus"]                                      # the full-depth estimate rides along
+    assert set(gpus) == {"H100", "H200"} and all(g["step_s"] > 0 and g["memory_gb"] > 0 for g in gpus.values())
