@@ -53,6 +53,7 @@ vision = ""                  # a CLIP vision dir; empty: random weights of CLIP 
 load_in_4bit = False         # QLoRA: NF4 base weights (CUDA only)
 dtype = "bfloat16"
 gradient_checkpointing = True
+share_prefix = True          # as train.py: score each group on one pass over its [video, prompt] prefix
 lora_r = 64                  # the paper's QLoRA rank
 lora_alpha = 16
 batch_size = 4               # prompts per GPU (the paper: 16 per GPU; 4 keeps the KV cache of B*G=20 small)
@@ -71,6 +72,7 @@ cpu_smoke = False            # the same on the CPU: tests this script without a 
 cpu = False                  # run the chosen shapes (not tiny) on the CPU: with --layers, the paper's widths
 layers = 0                   # decoder layers of the random LM and vision tower (widths unchanged); 0: full depth
 fsdp = False                 # shard with FSDP2 even in one process (under torchrun: the NCCL / gloo path alone)
+estimate_only = False        # print the full-depth estimate of these settings and exit (nothing is built or run)
 num_threads = 0              # CPU threads for torch; 0: torch's default
 seed = 0
 # -----------------------------------------------------------------------------
@@ -148,6 +150,7 @@ def build_policy(device, rank, world):
         vision_dir, lm_dir = vision or random_vision, lm or random_lm
     config = ModelConfig(vision=vision_dir, lm=lm_dir, dtype=dtype, load_in_4bit=load_in_4bit, lora_r=lora_r,
                          lora_alpha=lora_alpha, gradient_checkpointing=gradient_checkpointing, num_frames=num_frames,
+                         share_prefix=share_prefix,
                          vision_post_layernorm=False, seed=seed)
     policy = VideoLM(config)
     policy.snapshot_reference()
@@ -245,10 +248,9 @@ def step_model(lm_layers, vision_layers, prompts, prompt_tokens):
                    "peak": weights + lora + kv + boundaries + logits}
 
 
-def estimate(measured, policy):
-    """The measured step beside its model at this depth and at full depth on H100 / H200, one and four GPUs."""
-    measured_layers = policy.lm.config.num_hidden_layers
-    vision_layers = policy.vision.config.num_hidden_layers
+def estimate(measured_phases, measured_layers, vision_layers):
+    """The measured step (phases in seconds; {} when none was run) beside its model at this depth and at full
+    depth on H100 / H200, one and four GPUs."""
     prompt_tokens = 40
     here_flops, here_bytes = step_model(measured_layers, vision_layers, batch_size, prompt_tokens)
     full_flops, full_bytes = step_model(LLAMA_7B["num_hidden_layers"], CLIP_L_336["num_hidden_layers"], batch_size,
@@ -265,7 +267,7 @@ def estimate(measured, policy):
                       "fits": full_bytes["peak"] / 1e9 < memory_gb, "four_gpus_step_s": step_s * FSDP_SLOWDOWN,
                       "four_gpus_memory_gb": four_gb,
                       "four_gpus_samples_per_s": 4 * batch_size * num_generations / (step_s * FSDP_SLOWDOWN)}
-    return {"measured_layers": measured_layers, "measured_phases_s": measured["phases_s"],
+    return {"measured_layers": measured_layers, "measured_phases_s": measured_phases,
             "modelled_flops_here": here_flops, "modelled_bytes_here": here_bytes, "full_depth_flops": full_flops,
             "full_depth_bytes": full_bytes, "gpus": gpus,
             "assumptions": {"matmul_share_of_peak": MATMUL_SHARE, "decode_layer_s": DECODE_LAYER_S,
@@ -296,6 +298,10 @@ def print_estimate(found):
 def main(argv):
     from configurator import configure
     configure(argv, globals())
+    if estimate_only:
+        found = estimate({}, layers or LLAMA_7B["num_hidden_layers"], layers or CLIP_L_336["num_hidden_layers"])
+        print_estimate(found)
+        return found
     if tiny or cpu_smoke:   # tiny settings, except those given on the command line
         given = {arg[2:].partition("=")[0] for arg in argv if arg.startswith("--")}
         globals().update({k: v for k, v in TINY_SMOKE.items() if k not in given})
@@ -356,8 +362,9 @@ def main(argv):
                   "config": {k: globals()[k] for k in ("load_in_4bit", "dtype", "gradient_checkpointing", "lora_r",
                                                        "batch_size", "num_generations", "max_new_tokens",
                                                        "num_frames", "steps", "warmup_steps", "tiny", "cpu_smoke",
-                                                       "cpu", "layers", "fsdp")}}
-        result["estimate"] = estimate(mine, policy)
+                                                       "cpu", "layers", "fsdp", "share_prefix")}}
+        result["estimate"] = estimate(mine["phases_s"], policy.lm.config.num_hidden_layers,
+                                      policy.vision.config.num_hidden_layers)
         if baseline_step_s > 0:
             result["scaling"] = {"baseline_step_s": baseline_step_s,
                                  "efficiency": baseline_step_s / step_s,          # ideal 1.0 (same per-GPU batch)

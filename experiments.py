@@ -49,7 +49,7 @@ rival = "lambda"           # the advantage the default must match (the issue's b
 wide_spread = 5.0          # points: a cell whose finished seeds spread wider (std) also gets default_seeds
 bar_seeds = "5,6,7,8,9"    # the bar hinges on the default against its rival at the default beta, 2 standard
                            # errors apart at 5 seeds: 5 more each, both Oracles, fixed before any of them ran
-max_steps = 800            # where the curves have flattened (200 stopped them rising)
+max_steps = 800            # the main grid's horizon; the 1600-step probes show where the curves flatten
 epochs = 7                 # 125 steps per epoch: enough epochs for max_steps
 eval_every = 100
 learning_rates = "5e-4,2e-3"   # the sweep, beside train.py's 1e-3
