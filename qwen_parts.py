@@ -123,9 +123,15 @@ def build_parts(config):
             from transformers import BitsAndBytesConfig
             quantization = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
                                               bnb_4bit_compute_dtype=getattr(torch, config.dtype),
-                                              llm_int8_skip_modules=["visual", "lm_head"])
+                                              llm_int8_skip_modules=["model.visual", "lm_head"])
         model = Qwen2_5_VLForConditionalGeneration.from_pretrained(path, dtype=getattr(torch, config.dtype),
                                                                    quantization_config=quantization, local_files_only=True)
+        for module in model.modules():
+            # bitsandbytes 0.50 repacks 4-bit weights at the first CPU forward without grad for an inference
+            # kernel whose logits differ (0.04 measured) from the training path's, and after which a training
+            # forward fails: one path for sampling, scoring and training alike
+            if hasattr(module, "support_avx512bf16_for_cpu"):
+                module.support_avx512bf16_for_cpu = False
         tokenizer = AutoTokenizer.from_pretrained(config.tokenizer or path, local_files_only=True)
         if tokenizer.chat_template is None and os.path.exists(os.path.join(path, "chat_template.jinja")):
             with open(os.path.join(path, "chat_template.jinja")) as f:

@@ -318,6 +318,28 @@ def test_a_transformers_directory_loads_offline_and_answers_as_transformers_does
         make_policy("qwen")
 
 
+def test_qlora_quantises_the_language_model_only_and_trains_its_adapters(tiny, tmp_path):
+    """load_in_4bit: the language model's linear layers become NF4 (bitsandbytes runs them on the CPU too); the
+    vision tower, the merger and lm_head stay as they were; LoRA on top gets gradients; the reference works."""
+    path = str(tmp_path / "hf")
+    tiny.save_pretrained(path)
+    policy = load_policy(path, load_in_4bit=True, lora_r=4)
+    kinds = {name: type(module).__name__ for name, module in policy.qwen.named_modules()}
+    assert kinds["model.language_model.layers.0.mlp.up_proj"] == "Linear4bit"
+    assert kinds["model.language_model.layers.0.self_attn.q_proj.base_layer"] == "Linear4bit"
+    assert not any(kind == "Linear4bit" for name, kind in kinds.items() if ".visual." in name or name == "lm_head")
+    policy.snapshot_reference()
+    features = policy.encode_video(clips_of_three_sizes()[:1])
+    prompt_ids, prompt_mask = policy.encode_prompts(SAMPLES[:1])
+    answer_ids, answer_mask = policy.encode_answers(ANSWERS[:1])
+    logits = policy.completion_logits(features, prompt_ids, prompt_mask, answer_ids, answer_mask)
+    logits.float().logsumexp(-1).sum().backward()
+    assert policy.trainable_parameters() and all(p.grad is not None for p in policy.trainable_parameters())
+    with torch.no_grad():
+        reference = policy.completion_logits(features, prompt_ids, prompt_mask, answer_ids, answer_mask, reference=True)
+    assert torch.equal(reference, logits.detach())
+
+
 # ----------------------------------------------------------------------------- through the trainer, unchanged
 
 @pytest.fixture(scope="module")
