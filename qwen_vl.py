@@ -83,6 +83,9 @@ class QwenVLPolicy(nn.Module):
         self.config = config
         self.lm, self.tokenizer, self.processing = build_parts(config)
         self.video_token_id = self.lm.config.video_token_id
+        stops = getattr(self.lm.generation_config, "eos_token_id", None)   # Qwen's: <|im_end|> and <|endoftext|>
+        stops = [stops] if isinstance(stops, int) else list(stops or [])
+        self.stop_ids = sorted({self.tokenizer.eos_token_id, *stops})        # a sample ends at any of them
         self.ref_lm = None            # only without LoRA: a full copy
         self.ref_merger = None        # with LoRA and a trained merger: the reference policy's merger
         self.encode_calls = 0         # counted, so tests can check encode-once
@@ -178,9 +181,9 @@ class QwenVLPolicy(nn.Module):
 
     def train(self, mode=True):
         super().train(mode)
-        for lm in (self.lm, self.ref_lm):
-            if lm is not None:            # the frozen tower: no dropout, ever
-                (lm.get_base_model() if hasattr(lm, "get_base_model") else lm).model.visual.eval()
+        self.qwen.model.visual.eval()     # the frozen tower: no dropout, ever
+        if self.ref_lm is not None:
+            self.ref_lm.model.visual.eval()
         return self
 
     def disable_dropout(self):
@@ -253,10 +256,10 @@ class QwenVLPolicy(nn.Module):
         return pad(encoded, self.tokenizer.pad_token_id, self.device, left=False)
 
     def decode(self, completion_ids, completion_mask):
-        """(N, L) ids -> N strings, stopping at EOS."""
-        eos, texts = self.tokenizer.eos_token_id, []
+        """(N, L) ids -> N strings, stopping at EOS (any of stop_ids)."""
+        texts = []
         for ids, mask in zip(completion_ids.tolist(), completion_mask.tolist()):
-            kept = [t for t, m in zip(ids, mask) if m and t != eos]
+            kept = [t for t, m in zip(ids, mask) if m and t not in self.stop_ids]
             texts.append(self.tokenizer.decode(kept, skip_special_tokens=True).strip())
         return texts
 
@@ -327,14 +330,15 @@ class QwenVLPolicy(nn.Module):
         cache, logits = prefill(self.lm, embeds, mask, positions, group_size)
         logits, mask, following = logits[:, -1], mask.repeat_interleave(group_size, 0), following.repeat_interleave(group_size)
         seen = torch.where(prompt_mask > 0, prompt_ids, -1).repeat_interleave(group_size, 0)
-        eos, pad_id = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
+        pad_id = self.tokenizer.pad_token_id
         tokens, keep, done = [], [], torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
         for step in range(max_new_tokens):
             next_token = sample_token(logits.float(), greedy=greedy, generator=generator, seen=seen, **sampling)
             next_token = torch.where(done, torch.full_like(next_token, pad_id), next_token)
             keep.append(~done)
             tokens.append(next_token)
-            done, seen = done | (next_token == eos), torch.cat([seen, next_token.unsqueeze(1)], 1)
+            done = done | torch.isin(next_token, torch.tensor(self.stop_ids, device=next_token.device))
+            seen = torch.cat([seen, next_token.unsqueeze(1)], 1)
             if all_finished(done):
                 break
             mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
