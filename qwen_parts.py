@@ -19,9 +19,10 @@ below are the model's own (read from transformers 5.25 and the Qwen2.5-VL releas
       a video starting at p: temporal p + floor(i * interval) for temporal patch i, where interval =
          tokens_per_second * second_per_grid_ts; height p + row, width p + column of its merged token;
       the text after a video starts one past the largest position so far (Qwen2.5-VL's own rule, and
-         transformers' up to 5.2; 5.25's get_rope_index starts it at p + max(h, w) / merge instead, which
-         overlaps the temporal positions of a clip longer in time than in space, and its own generate
-         then continues from the largest + 1, disagreeing with its forward there; this code never does);
+         transformers' through 5.2, see its issue #45381; 5.25's get_rope_index starts it at p + max(h, w)
+         / merge instead, which overlaps the temporal positions of a clip longer in time than in space,
+         and its own generate then continues from the largest + 1, disagreeing with its own forward
+         there; this code never does);
       generated tokens: one past the one before, the first one past the prompt's largest position.
 """
 import json
@@ -54,7 +55,8 @@ TINY_TEXT = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, nu
                  num_key_value_heads=2, max_position_embeddings=1024, rope_parameters={
                      "rope_type": "default", "rope_theta": 10000.0, "mrope_section": [4, 6, 6]})
 TINY_PIXELS = (32 * 32, 64 * 64)   # min_pixels, max_pixels of the tiny model: 64 px synthetic clips stay 64 px
-DEFAULT_FPS = 2.0   # sampled frames per second assumed when a clip's duration is unknown (qwen-vl-utils' FPS)
+DEFAULT_FPS = 2.0   # sampled fps assumed for a clip of unknown duration: the rate qwen-vl-utils samples at by default
+
 
 # ----------------------------------------------------------------------------- the model and its tokenizer
 

@@ -264,11 +264,13 @@ def test_lora_goes_on_the_language_model_only_and_the_tower_stays_frozen():
     assert all(grad.abs().sum() > 0 for name, grad in grads.items() if "lora_B" in name or ".merger." in name)
 
 
-def test_reference_snapshot_then_a_step_then_save_and_load(tmp_path):
-    """Right after the snapshot the reference scores as the policy; after a step they differ and the reference
-    has not moved; save -> load gives identical logits for both."""
+@pytest.mark.parametrize("lora_r", [0, 4])
+def test_reference_snapshot_then_a_step_then_save_and_load(tmp_path, lora_r):
+    """Right after the snapshot the reference (the "ref" adapter + a merger copy, or without LoRA a copy of the
+    whole model) scores as the policy; after a step they differ and the reference has not moved; save -> load
+    gives identical logits for both."""
     torch.manual_seed(0)
-    policy = vary(QwenVLPolicy(QwenVLConfig(lora_r=4)))
+    policy = vary(QwenVLPolicy(QwenVLConfig(lora_r=lora_r)))
     policy.snapshot_reference()
     clips = clips_of_three_sizes()
     features = policy.encode_video(clips, seconds=SECONDS)
@@ -289,6 +291,7 @@ def test_reference_snapshot_then_a_step_then_save_and_load(tmp_path):
     policy.save(str(tmp_path / "ckpt"))
     loaded = load_policy(str(tmp_path / "ckpt")).eval()
     assert isinstance(loaded, QwenVLPolicy) and loaded.config == policy.config
+    assert (loaded.ref_lm is None) == (lora_r > 0) and (loaded.ref_merger is None) == (lora_r == 0)
     with torch.no_grad():
         assert torch.equal(score(loaded), after) and torch.equal(score(loaded, reference=True), reference)
 
