@@ -20,9 +20,9 @@ POLICIES = ("tiny", TINY)    # the names make_policy builds without any download
 def make_policy(name, **options):
     """A policy built from configs: "tiny" (VideoLM's options) or TINY (QwenVLConfig's options)."""
     if name == "tiny":
-        return VideoLM(ModelConfig(**options))
+        return VideoLM(ModelConfig.from_dict(options))
     if name == TINY:
-        return QwenVLPolicy(QwenVLConfig(**options))
+        return QwenVLPolicy(QwenVLConfig.from_dict(options))
     raise ValueError(f"unknown policy {name!r}; known: {POLICIES}, or load a directory with load_policy")
 
 
@@ -39,7 +39,7 @@ def load_policy(path, **overrides):
         if meta["model_type"] not in FAMILIES:
             raise ValueError(f"{config_path}: model_type {meta['model_type']!r} is not a supported policy; "
                              f"supported: {list(FAMILIES)}")
-        return QwenVLPolicy(QwenVLConfig(base=path, **overrides))
+        return QwenVLPolicy(QwenVLConfig.from_dict({**overrides, "base": path}))
     if meta.get("policy") in FAMILIES:          # QwenVLPolicy.save
         return QwenVLPolicy.load(path, **overrides)
     return VideoLM.load(path, **overrides)

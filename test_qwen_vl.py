@@ -311,6 +311,8 @@ def test_a_transformers_directory_loads_offline_and_answers_as_transformers_does
         ids, mask, _ = policy.generate(features, *policy.encode_prompts(SAMPLES), max_new_tokens=5, greedy=True)
         answers.append(policy.decode(ids, mask))
     assert answers[0] == answers[1]
+    with pytest.raises(ValueError, match=r"unknown QwenVLConfig keys \['lora_rank'\]; known: \['base', "):
+        load_policy(path, lora_rank=8)
     with open(os.path.join(path, "config.json")) as f:
         text = f.read()
     with open(os.path.join(path, "config.json"), "w") as f:
