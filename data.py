@@ -122,16 +122,12 @@ def load_video(path, num_frames, backend="auto"):
 # -----------------------------------------------------------------------------
 # the JSONL dataset format
 
-def build_prompt(question, options=None, template="plain", mc_format="oneline"):
-    """The prompt of a sample, for training, rollouts and evaluation alike; IMAGE marks where the visual
-    tokens go. "plain" (the tiny default): visual tokens, then "USER: q ASSISTANT:". "v1": VLM-RLAIF's
-    conversation template (vicuna v1): system line, " USER: ", the visual tokens, a newline, the
-    question, " ASSISTANT:" (the tokenizer adds BOS, as LLaVA's tokenizer_image_token keeps it).
-    Multiple choice: mc_format "oneline" appends "Options: (A) .. Answer with the option's letter.";
-    "videomme" is lmms-eval 0.7.3's default Video-MME question (preamble, "A. ..." lines, instruction)."""
-    if template not in TEMPLATES or mc_format not in MC_FORMATS:
-        raise ValueError(f"template must be one of {TEMPLATES} and mc_format one of {MC_FORMATS}, "
-                         f"got {template!r}, {mc_format!r}")
+def question_text(question, options=None, mc_format="oneline"):
+    """The question as the model reads it, without any template (build_prompt's, or a model's own chat
+    template). Multiple choice: mc_format "oneline" appends "Options: (A) .. Answer with the option's
+    letter."; "videomme" is lmms-eval 0.7.3's default Video-MME question (preamble, "A. ..." lines, instruction)."""
+    if mc_format not in MC_FORMATS:
+        raise ValueError(f"mc_format must be one of {MC_FORMATS}, got {mc_format!r}")
     text = question.strip()
     if options and mc_format == "videomme":
         text = "\n".join([VIDEOMME_PREAMBLE, question] + [f"{LETTERS[i]}. {o}" for i, o in enumerate(options)]
@@ -139,6 +135,19 @@ def build_prompt(question, options=None, template="plain", mc_format="oneline"):
     elif options:
         text += " Options: " + " ".join(f"({LETTERS[i]}) {option}" for i, option in enumerate(options))
         text += " Answer with the option's letter."
+    return text
+
+
+def build_prompt(question, options=None, template="plain", mc_format="oneline"):
+    """The prompt of a sample, for training, rollouts and evaluation alike; IMAGE marks where the visual
+    tokens go. "plain" (the tiny default): visual tokens, then "USER: q ASSISTANT:". "v1": VLM-RLAIF's
+    conversation template (vicuna v1): system line, " USER: ", the visual tokens, a newline, the
+    question, " ASSISTANT:" (the tokenizer adds BOS, as LLaVA's tokenizer_image_token keeps it).
+    The question with its options: question_text."""
+    if template not in TEMPLATES or mc_format not in MC_FORMATS:
+        raise ValueError(f"template must be one of {TEMPLATES} and mc_format one of {MC_FORMATS}, "
+                         f"got {template!r}, {mc_format!r}")
+    text = question_text(question, options, mc_format)
     if template == "v1":
         return f"{V1_SYSTEM} USER: {IMAGE}\n{text} ASSISTANT:"
     return f"{IMAGE}USER: {text} ASSISTANT:"
@@ -207,7 +216,8 @@ def read_videos(samples, num_frames, fit=None, cache=None):
     decoded, so a batch's memory never depends on its largest source video. cache: a ClipCache (the
     caller keeps `fit` the same for it) or None.
     -> (frames uint8 (B', T, S, S, 3) or None when none loaded, the B' samples that loaded,
-    [(sample, VideoError)] for those that did not: the caller reports and counts them)."""
+    [(sample, VideoError)] for those that did not: the caller reports and counts them). Clips that `fit`
+    leaves at different sizes (a policy that keeps each clip's own aspect ratio) come as a list of B'."""
     videos, loaded, failures = [], [], []
     for sample in samples:
         key = (sample["video"], num_frames)
@@ -223,6 +233,8 @@ def read_videos(samples, num_frames, fit=None, cache=None):
                 cache.put(key, video)
         videos.append(video)
         loaded.append(sample)
+    if videos and any(video.shape != videos[0].shape for video in videos):
+        return videos, loaded, failures
     return (torch.stack(videos) if videos else None), loaded, failures
 
 

@@ -42,7 +42,7 @@ num_threads = 2              # results depend on the thread count: fix it
 
 
 def encode_dataset(policy, samples, batch_size=64, progress=True):
-    """Pooled video features of every sample: (N, V, C), and the samples whose video loaded.
+    """Video features of every sample: (N, V, ...), and the samples whose video loaded.
     A video that fails to load is skipped with a warning naming it (counted by the caller)."""
     features, kept = [], []
     for start in tqdm(range(0, len(samples), batch_size), desc="encode videos", disable=not progress, leave=False):
@@ -55,7 +55,8 @@ def encode_dataset(policy, samples, batch_size=64, progress=True):
             kept += rows
     if not kept:
         raise RuntimeError("no training video could be loaded")
-    return torch.cat(features), kept
+    width = max(f.shape[1] for f in features)   # a policy whose features vary in width pads them with zeros
+    return torch.cat([torch.cat([f, f.new_zeros(len(f), width - f.shape[1], *f.shape[2:])], 1) for f in features]), kept
 
 
 def answer_loss(policy, features, samples):

@@ -216,7 +216,7 @@ def train_step(policy, optimizer, samples, oracle, config, lr, generator, step=0
             raise RuntimeError(f"step {step}: {int(failed_total)} of {int(seen_total)} videos failed to decode "
                                f"(more than {config.max_bad_video_fraction:.0%}), e.g. {[s['video'] for s in failed[:3]]}")
     with phase("rollout"):                                                     # lines 6 and 8
-        batch = rollout(policy, samples, frames.to(device), group_size, config.max_new_tokens,
+        batch = rollout(policy, samples, frames, group_size, config.max_new_tokens,   # encode_video moves frames
                         config.mask_truncated_completions, generator, all_finished, temperature=config.temperature,
                         top_p=config.top_p, top_k=config.top_k, repetition_penalty=config.repetition_penalty)
     with phase("oracle"):                                                      # line 7
