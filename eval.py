@@ -39,7 +39,7 @@ from answers import EXTRACTORS, extract_choice, normalize_answer
 from configurator import all_finished, configure, rank_and_world, setup_distributed, shutdown_distributed
 from data import MC_FORMATS, load_jsonl, read_videos, write_jsonl
 from judge import JUDGE_BACKOFF, JUDGE_BASE_URL, JUDGE_MAX_RETRIES, JUDGE_PROMPTS, Judge, JudgeError
-from model import VideoLM
+from policies import load_policy
 from oracle import OracleError, reference_letter, run_many
 from tables import DURATIONS, VIDEOMME_CATEGORIES, comparison_names, format_comparison, print_results, table_order
 
@@ -297,7 +297,7 @@ def default_results_path(predictions_path):
 
 
 # defaults of the command line, overridable as --key=value
-checkpoint = ""              # a directory written by VideoLM.save
+checkpoint = ""              # a policy checkpoint (train.py, sft.py, convert.py) or a Qwen2.5-VL transformers dir
 data = ""                    # dataset JSONL (data.py format)
 task = ""                    # exact | open | mc; default: mc when the data has options, else exact
 batch_size = 32
@@ -355,7 +355,7 @@ def main(argv):
 
     # torchrun: one model replica per GPU, each evaluating a shard
     rank, _, default_device = setup_distributed()
-    policy = VideoLM.load(checkpoint, **({"dtype": dtype} if dtype else {})).to(device or default_device)
+    policy = load_policy(checkpoint, **({"dtype": dtype} if dtype else {})).to(device or default_device)
     predictions_path = predictions or default_predictions_path(checkpoint, data, task_)
     out_path = out or default_results_path(predictions_path)
     results = evaluate(policy, samples, task=task_, batch_size=batch_size, max_new_tokens=max_new_tokens or None,

@@ -13,7 +13,8 @@ The video is encoded once per prompt (`encode_video`); the G samples of a group 
 log-prob pass reuse those features. LoRA (peft) goes on the LM; the reference policy of
 Algorithm 1 line 3 is a second adapter ("ref") plus a copy of the small projector, not a
 second model. The embedded default ("tiny") builds every part from a small config with random
-weights and a word-level tokenizer over the synthetic task's vocabulary: no downloads.
+weights and a word-level tokenizer over the synthetic task's vocabulary: no downloads. VideoLM follows
+the policy interface written down in policies.py (qwen_vl.QwenVLPolicy is the other policy).
 """
 import contextlib
 import copy

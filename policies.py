@@ -2,10 +2,30 @@
 Which policy a name or a directory means: the one place that knows every policy class (model.VideoLM, the
 paper's architecture; qwen_vl.QwenVLPolicy, transformers' Qwen2.5-VL). train.py and eval.py call these.
 
-    make_policy("tiny", **options)             VideoLM(ModelConfig(**options)), the embedded default
+    make_policy("videolm", **options)          VideoLM(ModelConfig(**options)): the paper's architecture, tiny by default
     make_policy("tiny-qwen2_5_vl", **options)  QwenVLPolicy(QwenVLConfig(**options)), built from a small config
     load_policy(DIR, **overrides)              a checkpoint written by either class's save(), or a transformers
                                                model directory of a supported family (config.json's model_type)
+
+THE POLICY INTERFACE (model.VideoLM and QwenVLPolicy both follow it; rollout.py, train_step.py, eval.py and
+sft.py use nothing else):
+    config                 .num_frames (frames sampled per clip), .share_prefix, .lora_* , .dtype
+    fit_frames(clip)       uint8 (T, H, W, 3) -> the clip at the model's input size, as decoded (data.read_videos)
+    encode_video(frames)   a batch of fitted clips (a uint8 tensor, or a list when their sizes differ) -> features
+                           (B, ...): a tensor the trainer may index, cat, .to() and .cpu(); the vision tower runs
+                           here, once per prompt (QwenVLPolicy also takes seconds=: the clips' durations)
+    encode_prompts(samples, mc_format="oneline") -> prompt_ids, prompt_mask: (B, P) long, left-padded
+    encode_answers(answers)   -> ids, mask: (B, L) long, right-padded, EOS appended
+    generate(features, prompt_ids, prompt_mask, group_size, max_new_tokens, greedy, generator, all_finished,
+             **sampling)   -> completion_ids (B*G, L), completion_mask (B*G, L), truncated (B*G,) bool;
+                           each prompt run once (prefill), its KV cache repeated for its G samples
+    completion_logits(features, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size=1,
+                      reference=False) -> (B*G, L, vocab), the logits predicting each completion token
+    decode(ids, mask)      -> strings, stopping at EOS
+    snapshot_reference(), reference(), has_lora, add_lora(r, alpha, dropout, target_modules),
+    trainable_parameters(), disable_dropout(), train()/eval(), device, encode_calls (a counter),
+    save(path) / load(path, **overrides) (checkpoint.write_dir: safetensors + JSON + sha256 manifest),
+    lm and ref_lm (train_step.shard shards their decoder layers).
 """
 import json
 import os
@@ -14,12 +34,12 @@ from model import CONFIG, ModelConfig, VideoLM
 from qwen_parts import FAMILIES, TINY
 from qwen_vl import QwenVLConfig, QwenVLPolicy
 
-POLICIES = ("tiny", TINY)    # the names make_policy builds without any download
+POLICIES = ("videolm", TINY)   # what make_policy builds (from configs, or VideoLM from pretrained parts)
 
 
 def make_policy(name, **options):
-    """A policy built from configs: "tiny" (VideoLM's options) or TINY (QwenVLConfig's options)."""
-    if name == "tiny":
+    """A policy built from configs: "videolm" (ModelConfig's options) or TINY (QwenVLConfig's options)."""
+    if name == "videolm":
         return VideoLM(ModelConfig.from_dict(options))
     if name == TINY:
         return QwenVLPolicy(QwenVLConfig.from_dict(options))

@@ -2,25 +2,7 @@
 transformers' own Qwen2.5-VL (`Qwen2_5_VLForConditionalGeneration`) as the policy, through the interface the
 trainer uses on model.VideoLM, with the same encode-once, prefill-once rollout.
 
-THE POLICY INTERFACE (model.VideoLM and QwenVLPolicy both follow it; rollout.py, train_step.py, eval.py and
-sft.py use nothing else):
-    config                 .num_frames (frames sampled per clip), .share_prefix, .lora_* , .dtype
-    fit_frames(clip)       uint8 (T, H, W, 3) -> the clip at the model's input size, as decoded (data.read_videos)
-    encode_video(frames)   a batch of fitted clips (a uint8 tensor, or a list when their sizes differ) -> features
-                           (B, ...): a tensor the trainer may index, cat, .to() and .cpu(); the vision tower runs
-                           here, once per prompt (QwenVLPolicy also takes seconds=: the clips' durations)
-    encode_prompts(samples, mc_format="oneline") -> prompt_ids, prompt_mask: (B, P) long, left-padded
-    encode_answers(answers)   -> ids, mask: (B, L) long, right-padded, EOS appended
-    generate(features, prompt_ids, prompt_mask, group_size, max_new_tokens, greedy, generator, all_finished,
-             **sampling)   -> completion_ids (B*G, L), completion_mask (B*G, L), truncated (B*G,) bool;
-                           each prompt run once (prefill), its KV cache repeated for its G samples
-    completion_logits(features, prompt_ids, prompt_mask, completion_ids, completion_mask, group_size=1,
-                      reference=False) -> (B*G, L, vocab), the logits predicting each completion token
-    decode(ids, mask)      -> strings, stopping at EOS
-    snapshot_reference(), reference(), has_lora, add_lora(r, alpha, dropout, target_modules),
-    trainable_parameters(), disable_dropout(), train()/eval(), device, encode_calls (a counter),
-    save(path) / load(path, **overrides) (checkpoint.write_dir: safetensors + JSON + sha256 manifest),
-    lm and ref_lm (train_step.shard shards their decoder layers).
+It follows the policy interface written down in policies.py, as model.VideoLM does.
 
 Qwen2.5-VL differs from VideoLM in what features are and where positions come from (qwen_parts.py): a clip
 keeps its own smart-resized size (a batch of clips of different sizes is a list), its features are the vision

@@ -21,12 +21,13 @@ from configurator import configure, cosine_lr
 from data import load_jsonl, read_videos
 from eval import evaluate
 from tables import print_results
-from model import ModelConfig, VideoLM
+from policies import POLICIES, make_policy
 from synth import make_synthetic_dataset
 
 # -----------------------------------------------------------------------------
 # defaults, overridable as --key=value
 out_dir = "out/sft"
+policy = "videolm"           # policies.POLICIES: "videolm" (the tiny default of the paper's architecture) | "tiny-qwen2_5_vl"
 data_dir = "data/synth"      # the synthetic set is generated here if train_data is empty
 train_data = ""              # a JSONL (data.py format); empty: synthetic
 eval_data = ""
@@ -104,13 +105,15 @@ def main(argv):
     if not train_data:
         paths = make_synthetic_dataset(data_dir)
     train_samples = load_jsonl(paths["train"])
-    policy = VideoLM(ModelConfig(seed=seed))
+    if policy not in POLICIES:
+        raise SystemExit(f"--policy must be one of {POLICIES}, got {policy!r}")
+    model = make_policy(policy, seed=seed)
     start = time.time()
-    losses = train_sft(policy, train_samples, steps, batch_size, learning_rate, weight_decay, warmup_steps, seed)
+    losses = train_sft(model, train_samples, steps, batch_size, learning_rate, weight_decay, warmup_steps, seed)
     print(f"sft: {steps} steps in {time.time() - start:.0f} s, loss {losses[0]:.3f} -> {losses[-1]:.3f}")
-    policy.save(out_dir)
+    model.save(out_dir)
     if paths.get("eval"):
-        results = evaluate(policy, load_jsonl(paths["eval"])[:eval_size], task="exact")
+        results = evaluate(model, load_jsonl(paths["eval"])[:eval_size], task="exact")
         print_results(results, title=f"held-out exact match after SFT ({out_dir})")
 
 

@@ -29,7 +29,7 @@ from data import TEMPLATES, ClipCache, load_jsonl
 from eval import evaluate
 from tables import format_comparison
 from grpo_rank import BOUNDS, DCG_KINDS, LOSS_TYPES, METHODS, SCALES
-from model import ModelConfig, VideoLM
+from policies import POLICIES, load_policy, make_policy
 from oracle import ORACLE_NAMES, make_oracle
 from records import RunLog, check_writable
 from sft import train_sft
@@ -57,6 +57,8 @@ num_eval = 300
 max_bad_video_fraction = 0.1  # abort when more of a batch's videos fail to decode
 clip_cache_mb = 1024         # decoded clips kept in memory across epochs, per process (0: decode every time)
 # model
+policy = "videolm"           # built when there is no checkpoint: "videolm" (the paper's: vision -> pooling -> projector
+                             # -> lm) | "tiny-qwen2_5_vl"; a Qwen2.5-VL transformers dir: --sft_checkpoint=DIR
 vision = "tiny"              # or a CLIP vision model dir / hub id
 lm = "tiny"                  # or a causal LM dir / hub id
 tokenizer = ""
@@ -125,7 +127,7 @@ RUNTIME_OPTIONS = ("dtype", "load_in_4bit", "gradient_checkpointing", "num_frame
 MODEL_OPTIONS = ("vision", "lm", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")   # it is made of these
 
 
-CHOICES = {"advantage": METHODS, "dcg_kind": DCG_KINDS, "bound": BOUNDS, "scale_rewards": SCALES,
+CHOICES = {"policy": POLICIES, "advantage": METHODS, "dcg_kind": DCG_KINDS, "bound": BOUNDS, "scale_rewards": SCALES,
            "ratio_policy": ("rollout", "reference"), "loss_type": LOSS_TYPES, "loss_agg": ("", "sequence", "token"),
            "oracle": ORACLE_NAMES, "template": TEMPLATES, "vision_post_layernorm": ("auto", "true", "false"),
            "report_to": ("none", "tensorboard")}
@@ -168,11 +170,11 @@ def resume_from(ckpt_dir, given):
     with open(os.path.join(found, "model", "config.json")) as f:
         saved = json.load(f)["model"]
     conflicts = [f"--{key}={globals()[key]!r} (the checkpoint has {saved[key]!r})" for key in MODEL_OPTIONS
-                 if key in given and globals()[key] != saved[key]]
+                 if key in given and key in saved and globals()[key] != saved[key]]
     if conflicts:
         raise SystemExit(f"resume: {found} was trained with other model options: {', '.join(conflicts)}. Drop "
                          "them to continue that run, or start a new one with another --out_dir.")
-    globals().update({key: saved[key] for key in MODEL_OPTIONS})
+    globals().update({key: saved[key] for key in MODEL_OPTIONS if key in saved})   # (a Qwen policy has no vision, lm)
     return found
 
 
@@ -204,28 +206,36 @@ def load_datasets(master):
     return load_jsonl(paths["train"]), eval_samples
 
 
+def build_policy():
+    """The model of a run with no checkpoint to start from: --policy, from the options below it."""
+    if policy != "videolm":
+        return make_policy(policy, num_frames=num_frames, dtype=dtype, load_in_4bit=load_in_4bit,
+                           gradient_checkpointing=gradient_checkpointing, seed=seed)
+    layernorm = vision == "tiny" if vision_post_layernorm == "auto" else vision_post_layernorm == "true"
+    return make_policy("videolm", vision=vision, lm=lm, tokenizer=tokenizer, num_frames=num_frames, dtype=dtype,
+                       load_in_4bit=load_in_4bit, gradient_checkpointing=gradient_checkpointing,
+                       lora_r=0 if lm == "tiny" else lora_r, lora_alpha=lora_alpha,
+                       lora_target_modules=lora_target_modules, vision_post_layernorm=layernorm,
+                       project_first=project_first, image_pad=image_pad, template=template, seed=seed)
+
+
 def warm_start(master, train_samples, device, overrides):
-    """The SFT policy RL starts from (the paper starts from VLM-SFT): --sft_checkpoint, or
-    out_dir/sft, trained first by sft.py when missing."""
+    """The SFT policy RL starts from (the paper starts from VLM-SFT): --sft_checkpoint (a checkpoint of this
+    project's, or a transformers model directory of a supported family: policies.py), or out_dir/sft,
+    trained first by sft.py when missing."""
     if sft_checkpoint:
-        return VideoLM.load(sft_checkpoint, **overrides)
+        return load_policy(sft_checkpoint, **overrides)
     sft_dir = os.path.join(out_dir, "sft")
     if not os.path.exists(os.path.join(sft_dir, "config.json")):
         if master:
-            layernorm = vision == "tiny" if vision_post_layernorm == "auto" else vision_post_layernorm == "true"
-            model_config = ModelConfig(vision=vision, lm=lm, tokenizer=tokenizer, num_frames=num_frames, dtype=dtype,
-                                       load_in_4bit=load_in_4bit, gradient_checkpointing=gradient_checkpointing,
-                                       lora_r=0 if lm == "tiny" else lora_r, lora_alpha=lora_alpha,
-                                       lora_target_modules=lora_target_modules, vision_post_layernorm=layernorm,
-                                       project_first=project_first, image_pad=image_pad, template=template, seed=seed)
-            policy = VideoLM(model_config).to(device)
+            model = build_policy().to(device)
             print(f"sft: no checkpoint at {sft_dir}; training the warm start for {sft_steps} steps")
             if sft_steps == 0:
                 warnings.warn("sft_steps=0 and no --sft_checkpoint: RL starts from an untrained projector")
-            train_sft(policy, train_samples, sft_steps, sft_batch_size, sft_learning_rate, seed=seed)
-            policy.save(sft_dir)
+            train_sft(model, train_samples, sft_steps, sft_batch_size, sft_learning_rate, seed=seed)
+            model.save(sft_dir)
         barrier()
-    return VideoLM.load(sft_dir, **overrides)
+    return load_policy(sft_dir, **overrides)
 
 
 def start_policy(master, train_samples, device, overrides, found):
@@ -235,12 +245,12 @@ def start_policy(master, train_samples, device, overrides, found):
         if master:
             print(f"resuming from {found}")
         checkpoint.verify(found)
-        return VideoLM.load(os.path.join(found, "model"), **overrides), checkpoint.load_state(found, "train_state")
-    policy = warm_start(master, train_samples, device, overrides)
-    if lora_r > 0 and not policy.has_lora:
-        policy.add_lora(lora_r, lora_alpha, lora_dropout, lora_target_modules)
-    policy.snapshot_reference()
-    return policy, None
+        return load_policy(os.path.join(found, "model"), **overrides), checkpoint.load_state(found, "train_state")
+    model = warm_start(master, train_samples, device, overrides)
+    if lora_r > 0 and not model.has_lora:
+        model.add_lora(lora_r, lora_alpha, lora_dropout, lora_target_modules)
+    model.snapshot_reference()
+    return model, None
 
 
 # ----------------------------------------------------------------------------- which prompts, when
