@@ -463,3 +463,25 @@ def test_eval_py_scores_the_tiny_qwen_policy_in_every_task(colour_run, tmp_path)
         judge.server.shutdown()
         judge.server.server_close()
     assert results["accuracy"] == 1.0 and len(judge.requests) == 6                   # the open task was judged
+
+
+def test_a_transformers_directory_trains_with_sft_checkpoint_and_evaluates_with_checkpoint(colour_run, tmp_path):
+    """A Qwen2.5-VL model directory as users have them (here: the colour run's warm start, saved with
+    save_pretrained): train.py --sft_checkpoint=DIR puts LoRA on it and trains; eval.py --checkpoint=DIR scores it."""
+    import eval as eval_py
+    import train
+    paths, out, _ = colour_run
+    hf_dir = str(tmp_path / "hf")
+    load_policy(os.path.join(out, "sft")).save_pretrained(hf_dir)
+    results = importlib.reload(train).main([
+        f"--sft_checkpoint={hf_dir}", f"--train_data={paths['train']}", f"--eval_data={paths['eval']}",
+        f"--out_dir={tmp_path / 'rl'}", "--max_steps=2", "--batch_size=4", "--num_generations=4", "--max_new_tokens=3",
+        "--eval_size=8", "--num_threads=1", "--save_every=1000", "--lora_r=4"])
+    trained = load_policy(str(tmp_path / "rl" / "ckpt" / "model"))
+    assert trained.has_lora and trained.config.base == hf_dir and results["after"]["n"] == 8
+    rows = [json.loads(line) for line in open(tmp_path / "rl" / "metrics.jsonl")]
+    assert [r["step"] for r in rows] == [1, 2] and all(r["nonfinite_steps"] == 0 for r in rows)
+    results_path = str(tmp_path / "eval.json")
+    importlib.reload(eval_py).main([f"--checkpoint={hf_dir}", f"--data={paths['eval']}", "--limit=8", "--quiet=True",
+                                    f"--out={results_path}", f"--predictions={tmp_path / 'predictions.jsonl'}"])
+    assert json.load(open(results_path))["n"] == 8
