@@ -10,8 +10,8 @@ CPU time of the steps after the first two (one thread); the figure is the median
 
 $ python bench_trl.py                      # ~2 min on 2 cores; --hidden=256 --layers=4 for a larger LM
 """
-import argparse
 import statistics
+import sys
 import time
 
 import torch
@@ -19,9 +19,22 @@ from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, PrinterCallback, TrainerCallback
 from trl import GRPOConfig, GRPOTrainer
 
+from configurator import configure
 from grpo_rank import ranks_from_scores
 from synth import QUESTIONS, word_tokenizer
 from trl_grpo_rank import GRPORankTrainer
+
+# -----------------------------------------------------------------------------
+# defaults, overridable as --key=value
+rounds = 5
+steps = 12                   # steps per round (the first two are not timed)
+hidden = 64                  # the random Llama's width and depth
+layers = 2
+batch = 16                   # completions per step (per_device_train_batch_size)
+group_size = 8               # G
+max_completion_length = 16
+threads = 1
+# -----------------------------------------------------------------------------
 
 
 def score(completions):
@@ -65,18 +78,18 @@ class StepTimes(TrainerCallback):
         return run
 
 
-def mean_step_time(variant, options, cli):
-    """Train a fresh trainer (variant "plain" or "rank") for cli.steps steps -> (mean CPU seconds per step after the
+def mean_step_time(variant, options):
+    """Train a fresh trainer (variant "plain" or "rank") for `steps` steps -> (mean CPU seconds per step after the
     first two, CPU seconds of the extra l_i passes per step over all steps)."""
     tokenizer = word_tokenizer()
     torch.manual_seed(0)
     model = LlamaForCausalLM(LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=cli.hidden, intermediate_size=2 * cli.hidden, num_hidden_layers=cli.layers,
+        vocab_size=len(tokenizer), hidden_size=hidden, intermediate_size=2 * hidden, num_hidden_layers=layers,
         num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=128, pad_token_id=tokenizer.pad_token_id,
         bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id))
     rows = Dataset.from_list([{"prompt": q} for questions in QUESTIONS.values() for q in questions] * 8)
-    args = GRPOConfig(output_dir="out/bench_trl", per_device_train_batch_size=cli.batch, num_generations=cli.group_size,
-                      max_completion_length=cli.max_completion_length, max_steps=cli.steps, learning_rate=0.0,
+    args = GRPOConfig(output_dir="out/bench_trl", per_device_train_batch_size=batch, num_generations=group_size,
+                      max_completion_length=max_completion_length, max_steps=steps, learning_rate=0.0,
                       report_to="none", use_cpu=True, save_strategy="no", logging_steps=10 ** 6, seed=0,
                       disable_tqdm=True, **options)
     timer = StepTimes()
@@ -91,25 +104,16 @@ def mean_step_time(variant, options, cli):
     return statistics.mean(timer.times[2:]), timer.extra_pass / len(timer.times)
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rounds", type=int, default=5)
-    parser.add_argument("--steps", type=int, default=12, help="steps per round (the first two are not timed)")
-    parser.add_argument("--hidden", type=int, default=64)
-    parser.add_argument("--layers", type=int, default=2)
-    parser.add_argument("--batch", type=int, default=16, help="completions per step (per_device_train_batch_size)")
-    parser.add_argument("--group_size", type=int, default=8)
-    parser.add_argument("--max_completion_length", type=int, default=16)
-    parser.add_argument("--threads", type=int, default=1)
-    cli = parser.parse_args()
-    torch.set_num_threads(cli.threads)
-    print(f"Llama hidden {cli.hidden} x {cli.layers} layers, {cli.batch} completions per step (G = {cli.group_size}), "
-          f"up to {cli.max_completion_length} tokens, {cli.threads} thread(s), {cli.rounds} rounds of {cli.steps} steps")
+def main(argv):
+    configure(argv, globals())
+    torch.set_num_threads(threads)
+    print(f"Llama hidden {hidden} x {layers} layers, {batch} completions per step (G = {group_size}), "
+          f"up to {max_completion_length} tokens, {threads} thread(s), {rounds} rounds of {steps} steps")
     for name, options in (("on-policy", {}), ("reused batch", {"num_iterations": 2})):
         times, extra = {"plain": [], "rank": []}, []
-        for round_index in range(cli.rounds):
+        for round_index in range(rounds):
             for variant in (("plain", "rank") if round_index % 2 == 0 else ("rank", "plain")):
-                step, extra_pass = mean_step_time(variant, options, cli)
+                step, extra_pass = mean_step_time(variant, options)
                 times[variant].append(step)
                 extra += [extra_pass] if variant == "rank" else []
         plain, rank = statistics.median(times["plain"]), statistics.median(times["rank"])
@@ -118,4 +122,4 @@ def main():
 
 
 if __name__ == "__main__":
-    main()
+    main(sys.argv[1:])

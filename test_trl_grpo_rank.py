@@ -244,3 +244,18 @@ def test_two_processes_rank_whole_groups_once_and_keep_their_slice(tmp_path):
     assert expected.abs().sum() > 0
     for r in range(2):   # each process kept its own slice of the whole batch's advantages
         assert torch.allclose(torch.tensor(ranks[r]["advantages"]), expected[6 * r:6 * r + 6], atol=1e-6)
+
+
+def test_the_readmes_example_runs_as_written(tmp_path, monkeypatch):
+    """The README's "Using GRPO_rank in TRL" example, executed as it is printed (from the repository root's
+    modules, in a scratch directory so that its out/ lands there)."""
+    import re
+    here = os.path.dirname(os.path.abspath(__file__))
+    readme = open(os.path.join(here, "README.md"), encoding="utf-8").read()
+    section = readme[readme.index("## Using GRPO_rank in TRL"):]
+    example = re.search(r"```python\n(.*?)```", section, re.S).group(1)
+    monkeypatch.chdir(tmp_path)
+    namespace = {}
+    exec(compile(example, "README.md", "exec"), namespace)
+    assert os.path.isdir(tmp_path / "out" / "trl_grpo_rank")
+    assert namespace["GRPORankTrainer"] is GRPORankTrainer
