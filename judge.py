@@ -258,18 +258,30 @@ def _post(url, body, headers, timeout, deadline):
     else:
         connection = connection_class(parts.hostname, parts.port, timeout=wait)
 
+    # the socket is remembered: when a server closes after its reply (HTTP/1.0, "Connection: close"),
+    # getresponse() hands it to the response and connection.sock becomes None (a dripping HTTP/1.0 judge
+    # was never cut off)
+    sockets, response = [], None
+
     def cut_off():
-        if connection.sock is not None:
-            connection.sock.shutdown(socket.SHUT_RDWR)
+        for sock in [connection.sock] + sockets:
+            try:
+                if sock is not None:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except OSError:          # already closed
+                pass
     watchdog = threading.Timer(max(0.0, deadline - time.monotonic()), cut_off)
     watchdog.start()
     try:
         connection.request("POST", target, body=body, headers=headers)
+        sockets.append(connection.sock)
         response = connection.getresponse()
         return response.status, response.headers, response.read(MAX_REPLY_BYTES + 1)
     finally:
         watchdog.cancel()
         connection.close()
+        if response is not None:
+            response.close()
 
 
 def chat(messages, base_url=JUDGE_BASE_URL, model=None, api_key_env="OPENAI_API_KEY",
