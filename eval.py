@@ -319,6 +319,7 @@ predictions = ""             # default: <checkpoint's folder>/eval/<checkpoint>/
 out = ""                     # results JSON; default: beside the predictions
 resume = False               # keep the predictions already in the file
 dtype = ""                   # override the checkpoint's dtype (e.g. bfloat16)
+hub_ids = ""                 # comma-separated hub ids the checkpoint's parts may be downloaded from (else nothing is)
 mc_prompt = "auto"           # auto | videomme (lmms-eval's default videomme prompt) | oneline (this project's)
 extract = "project"          # project | lmms: read the letter exactly as lmms-eval 0.7.3 does (leaderboard numbers)
 judge_prompt = "videochatgpt"   # videochatgpt: its ActivityNet-QA judge messages, word for word | project
@@ -372,7 +373,8 @@ def main(argv):
 
     # torchrun: one model replica per GPU, each evaluating a shard
     rank, _, default_device = setup_distributed()
-    policy = VideoLM.load(checkpoint, **({"dtype": dtype} if dtype else {})).to(device or default_device)
+    policy = VideoLM.load(checkpoint, hub_ids={name for name in hub_ids.split(",") if name},
+                          **({"dtype": dtype} if dtype else {})).to(device or default_device)
     predictions_path = predictions or default_predictions_path(checkpoint, data, task_)
     out_path = out or default_results_path(predictions_path)
     results = evaluate(policy, samples, task=task_, batch_size=batch_size, max_new_tokens=max_new_tokens or None,

@@ -662,3 +662,21 @@ def test_default_predictions_survive_the_next_save_of_the_checkpoint_they_evalua
     assert len(read_lines(predictions)) == 2
     write_dir(str(out / "ckpt"), lambda d: shutil.copytree(checkpoint, os.path.join(d, "model")))   # the next save
     assert len(read_lines(predictions)) == 2 and (out / "eval" / "ckpt_model" / "eval_exact_results.json").exists()
+
+
+def test_a_checkpoint_naming_a_hub_id_loads_only_when_the_command_line_names_it(synth, checkpoint, tmp_path, monkeypatch):
+    import shutil
+    from checkpoint import CheckpointError
+    from transformers import AutoTokenizer
+    path = str(tmp_path / "ckpt")
+    shutil.copytree(checkpoint, path)
+    meta = json.load(open(os.path.join(path, "config.json")))
+    meta["model"]["lm"] = "some-org/some-lm"
+    json.dump(meta, open(os.path.join(path, "config.json"), "w"))
+    os.remove(os.path.join(path, "manifest.json"))                     # edited by hand
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda name, *a, **k: 1 / 0)   # a download would start here
+    args = [f"--checkpoint={path}", f"--data={synth['eval']}", "--limit=1", "--quiet=True"]
+    with pytest.raises(CheckpointError, match="lm is 'some-org/some-lm', not a local directory.*eval.py --hub_ids="):
+        ev.main(args)
+    with pytest.raises(ZeroDivisionError):
+        ev.main(args + ["--hub_ids=some-org/some-lm"])
