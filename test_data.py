@@ -350,6 +350,31 @@ def test_convert_cli(tmp_path):
     assert data.load_jsonl(out)[0]["video"] == str(tmp_path / "vid1.avi")
 
 
+QA = {"video_name": "vid1", "question": "what is shown?", "answer": "a cat", "question_id": 1}
+
+
+@pytest.mark.parametrize("kind, entries, message", [
+    ("msvd_qa", [QA, dict(QA, video_name="vid2")], r"out.jsonl:2: duplicate id '1'"),
+    ("msvd_qa", [QA, dict(QA, question_id=2, question="  ")], r"out.jsonl:2: 'question' must be a non-empty string"),
+    ("msvd_qa", [QA, dict(QA, question_id=None)], r"entry 1 \(question_id=None\): the question id must be"),
+    ("videomme", [VIDEOMME_ROW, dict(VIDEOMME_ROW, question_id="001-2", options=["A. x", "B. x", "C. y", "D. z"])],
+     r"out.jsonl:2: 'options' contains duplicates")])
+def test_benchmarks_validates_before_it_writes_and_keeps_a_previous_good_file(tmp_path, kind, entries, message):
+    ann, out = dump(tmp_path / "ann.json", entries), tmp_path / "out.jsonl"
+    out.write_text("a previous, good file\n")
+    with pytest.raises(DatasetError, match=message):
+        benchmarks.main([f"--benchmark={kind}", f"--annotations={ann}", f"--video_dir={tmp_path}", f"--out={out}"])
+    assert out.read_text() == "a previous, good file\n" and sorted(os.listdir(tmp_path)) == ["ann.json", "out.jsonl"]
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "sub/../../outside"])
+def test_a_video_name_that_leads_outside_video_dir_is_an_error_naming_the_entry(tmp_path, name):
+    with pytest.raises(DatasetError, match=rf"qa.json: entry 1 \(question_id=2\): video name '{name}' leads outside"):
+        benchmarks.convert_msvd_qa(dump(tmp_path / "qa.json", [QA, dict(QA, video_name=name, question_id=2)]), "vids")
+    with pytest.raises(DatasetError, match=rf"entry 0 \(question_id='001-1'\): video name '{name}.mp4' leads outside"):
+        benchmarks.convert_videomme(dump(tmp_path / "mme.json", [dict(VIDEOMME_ROW, videoID=name)]), "vids")
+
+
 # -----------------------------------------------------------------------------
 # synthetic video QA
 
