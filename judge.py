@@ -299,7 +299,7 @@ def chat(messages, base_url=JUDGE_BASE_URL, model=None, api_key_env="OPENAI_API_
     exception. The API key is read from the environment variable api_key_env at each request (absent
     is fine for local servers; see api_key), is sent to base_url's host only (a redirect is refused, not
     followed), and no piece of it (KEY_FRAGMENT characters, plain, masked or escaped: _scrub) enters a
-    log record, an exception, what parse sees, or the object it was called on.""" 
+    log record, an exception, what parse sees, or the object it was called on."""
     url = base_url.rstrip("/")
     if not urllib.parse.urlsplit(url).path:     # "http://host:port" -> the conventional /v1 root
         url += "/v1"

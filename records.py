@@ -17,19 +17,9 @@ import fcntl
 import gzip
 import json
 import os
-import tempfile
 import warnings
 
 ARCHIVE_DIGITS = 6           # significant digits of a float kept by archive_metrics
-
-
-def check_writable(out_dir):
-    """Fail now, not after the warm start has trained, when out_dir cannot be written."""
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
-    except OSError as err:
-        raise SystemExit(f"--out_dir={out_dir} is not writable: {err}") from None
 
 
 def lock_out_dir(out_dir):

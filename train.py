@@ -150,8 +150,8 @@ def check_options():
     """Every option's value, at start (before any data or model work), the message naming the option."""
     check_values(globals(), CHOICES, RANGES)
     if max_bad_video_fraction >= 1:
-        raise SystemExit("--max_bad_video_fraction must be below 1, got 1.0: at 1 a batch whose videos all fail "
-                         "would go on with nothing to train on; below 1 such a batch stops the run, naming the videos")
+        raise SystemExit(f"--max_bad_video_fraction must be below 1, got {max_bad_video_fraction}: at 1 a batch whose "
+                         "videos all fail would go on with nothing to train on; below 1 it stops the run, naming them")
     if loss_agg:   # the earlier option name, kept as an alias
         globals()["loss_type"] = {"sequence": "grpo", "token": "bnpo"}[loss_agg]
     if temperature == 0:
