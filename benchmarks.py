@@ -53,8 +53,14 @@ def _field(rec, key, path, i, types=(str,)):
     return rec[key]
 
 
-def _video_path(video_dir, name, ext):
-    return os.path.abspath(os.path.join(video_dir, name if name.endswith(ext) else name + ext))
+def _video_path(video_dir, name, ext, where):
+    """video_dir/name(.ext), absolute; a name that leads outside video_dir ("../../etc/passwd", "/etc/x") is
+    an error naming the entry (`where`): a benchmark's videos are in its video folder."""
+    path = os.path.abspath(os.path.join(video_dir, name if name.endswith(ext) else name + ext))
+    root = os.path.abspath(video_dir)
+    if os.path.commonpath([root, path]) != root:
+        raise DatasetError(f"{where}: video name {name!r} leads outside --video_dir={video_dir} (to {path})")
+    return path
 
 
 def _convert_open_qa(qa_json, video_dir, video_ext, int_prefix):
@@ -70,7 +76,10 @@ def _convert_open_qa(qa_json, video_dir, video_ext, int_prefix):
             vid = _field(rec, "video_id", qa_json, i, (str, int))
             name = f"{int_prefix}{vid}" if isinstance(vid, int) else vid
         qid = rec.get("question_id", rec.get("id", i))
-        rows.append({"id": str(qid), "video": _video_path(video_dir, name, video_ext),
+        where = f"{qa_json}: entry {i} (question_id={qid!r})"
+        if qid is None or isinstance(qid, bool) or not str(qid).strip():
+            raise DatasetError(f"{where}: the question id must be a non-empty string or an integer")
+        rows.append({"id": str(qid), "video": _video_path(video_dir, name, video_ext, where),
                      "question": _field(rec, "question", qa_json, i),
                      "answer": str(_field(rec, "answer", qa_json, i, (str, int)))})
     return rows
@@ -106,7 +115,7 @@ def convert_activitynet_qa(q_json, a_json, video_dir, video_ext=".mp4"):
         answer, qtype = answers.pop(qid)
         name = _field(rec, "video_name", q_json, i)
         name = name if name.startswith("v_") else "v_" + name
-        row = {"id": qid, "video": _video_path(video_dir, name, video_ext),
+        row = {"id": qid, "video": _video_path(video_dir, name, video_ext, f"{q_json}: entry {i} (question_id={qid!r})"),
                "question": _field(rec, "question", q_json, i), "answer": answer}
         if qtype is not None:
             known = isinstance(qtype, int) and 0 <= qtype < len(ACTIVITYNET_QA_TYPES)
@@ -175,7 +184,11 @@ def convert_videomme(path, video_dir):
         if found:
             continue
         first[str(qid)] = i
-        candidates = [os.path.abspath(os.path.join(video_dir, name + ext)) for ext in (".mp4", ".MP4", ".mkv")]
+        try:
+            candidates = [_video_path(video_dir, name + ext, ext, where) for ext in (".mp4", ".MP4", ".mkv")]
+        except DatasetError as err:
+            problems.append(str(err))
+            continue
         video = next((c for c in candidates if os.path.isfile(c)), candidates[0])
         # strip "A. " only where the letter matches the position: "U.S. flag" stays whole
         rows.append({"id": str(qid), "video": video, "question": rec["question"], "answer": answer.strip(),
@@ -213,8 +226,16 @@ def main(argv):
         rows = convert_videomme(files[0], video_dir)
     else:
         rows = (convert_msvd_qa if benchmark == "msvd_qa" else convert_msrvtt_qa)(files[0], video_dir, ext)
-    write_jsonl(out, rows)
-    load_jsonl(out)  # the converted file must pass the same checks as any other
+    # the converted file must pass the same checks as any other, before it replaces anything at `out`
+    unchecked = f"{out}.unchecked{os.getpid()}"
+    write_jsonl(unchecked, rows)
+    try:
+        load_jsonl(unchecked)
+    except DatasetError as err:
+        os.remove(unchecked)
+        raise DatasetError(f"{out} not written: the converted rows fail the dataset checks (line N = entry N - 1):\n"
+                           + str(err).replace(unchecked, out), err.errors) from None
+    os.replace(unchecked, out)
     missing = sorted({r["video"] for r in rows if not os.path.isfile(r["video"])})
     print(f"wrote {len(rows)} samples to {out}")
     if missing:
@@ -223,4 +244,7 @@ def main(argv):
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except DatasetError as err:          # what is wrong, entry by entry, without a traceback
+        sys.exit(f"benchmarks.py: {err}")

@@ -10,6 +10,9 @@ Checkpoint directories that a crash, a flipped byte or a crafted file cannot tur
 
     write_dir(path, fill)             fill(tmp_dir) writes the files; then manifest, then rename
     verify(path)                      raises CheckpointError naming the first bad file
+    resumable(path)                   --resume's checkpoint, verified; an existing one that is not is an error
+    read_json(path)                   a JSON file, any damage reported as CheckpointError naming it
+    local_parts(config, where, ids)   loading never goes to the network unless the hub id was asked for
     save_state(dir, name, state)      a nested dict of tensors, numbers, strings, lists -> name.json + name.safetensors
     load_state(dir, name)             and back
     save_training / restore_training  the RL checkpoint: model/, optimizer, RNG, step (full, unsharded
@@ -29,6 +32,21 @@ MANIFEST = "manifest.json"
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, incomplete, corrupted or not finite. The message names the file."""
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk, say). The message names it and the one kept."""
+
+
+def read_json(path):
+    """A JSON file of a checkpoint -> its value; missing, empty, truncated, not UTF-8 or nested past the
+    parser's depth: CheckpointError naming the file (never a bare JSONDecodeError or RecursionError)."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            return json.load(f)
+    except (OSError, ValueError, RecursionError) as err:
+        reason = "nested too deep" if isinstance(err, RecursionError) else f"{type(err).__name__}: {err}"
+        raise CheckpointError(f"{path}: unreadable ({reason})") from None
 
 
 def sha256(path):
@@ -57,9 +75,8 @@ def verify(directory):
     if not os.path.exists(manifest_path):
         return False
     try:
-        with open(manifest_path) as f:
-            expected = json.load(f)["sha256"]
-    except (ValueError, KeyError, TypeError) as err:
+        expected = dict(read_json(manifest_path)["sha256"])
+    except (KeyError, TypeError, ValueError) as err:
         raise CheckpointError(f"{manifest_path}: unreadable manifest ({err})") from None
     for relative, digest in expected.items():
         path = os.path.join(directory, relative)
@@ -86,13 +103,20 @@ def write_dir(path, fill):
     directory, then the manifest is written, then the directory replaces `path`."""
     tmp = path + ".tmp"
     shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
-    fill(tmp)
-    digests = {relative: sha256(os.path.join(tmp, relative)) for relative in files_of(tmp)}
-    with open(os.path.join(tmp, MANIFEST), "w") as f:
-        json.dump({"sha256": digests}, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
+    try:
+        os.makedirs(tmp)
+        fill(tmp)
+        digests = {relative: sha256(os.path.join(tmp, relative)) for relative in files_of(tmp)}
+        with open(os.path.join(tmp, MANIFEST), "w") as f:
+            json.dump({"sha256": digests}, f, indent=1)
+            f.flush()
+            os.fsync(f.fileno())
+    except OSError as err:     # a full disk: no half-written PATH.tmp left behind, and say what is kept
+        shutil.rmtree(tmp, ignore_errors=True)
+        kept = latest(path)
+        raise CheckpointWriteError(err.errno, f"{path}: the checkpoint could not be written ({err.strerror or err}); "
+                                   + (f"the last complete one, {kept}, is kept" if kept else "there is no earlier one")
+                                   ) from None
     replace_dir(tmp, path)
 
 
@@ -103,6 +127,54 @@ def latest(path, marker=MANIFEST):
         if os.path.exists(os.path.join(candidate, marker)):
             return candidate
     return None
+
+
+def resumable(path):
+    """The checkpoint --resume continues from: PATH (or PATH.old, which a crash between replace_dir's two
+    renames leaves), verified against its manifest; None when neither exists (no checkpoint was ever
+    completed: a PATH.tmp is a save cut short). One that exists but does not verify (no manifest, a
+    missing or changed file) raises CheckpointError saying what is wrong: never a silent fresh start over it.
+    An older checkpoint's pickled train_state.pt is never loaded (unpickling can run code)."""
+    if os.path.exists(os.path.join(path, "train_state.pt")) and not os.path.exists(os.path.join(path, MANIFEST)):
+        raise CheckpointError(f"{path} is an older checkpoint with a pickled train_state.pt, which is never loaded "
+                              "(unpickling can run code): start a new run, or resume with the version that wrote it")
+    for candidate in (path, path + ".old"):
+        if not os.path.exists(candidate):
+            continue
+        try:
+            if not verify(candidate):
+                raise CheckpointError(f"{candidate}: no {MANIFEST}, so not a complete checkpoint of this code")
+            return candidate
+        except CheckpointError as err:
+            problem = str(err)
+        older = path + ".old"
+        if candidate == path and os.path.exists(os.path.join(older, MANIFEST)):
+            problem += f"; the previous checkpoint {older} is still there: move it to {path} to resume from it"
+        raise CheckpointError(f"resume refused: {problem}. Or start over: remove {candidate} or use another --out_dir")
+    return None
+
+
+def model_config_of(path, keys):
+    """{key: value} of those `keys` that the model config (model/config.json) of the training checkpoint at path
+    holds (a Qwen policy's has no vision or template); a config with none of them is CheckpointError naming it."""
+    config_path = os.path.join(path, "model", "config.json")
+    saved = read_json(config_path)
+    saved = saved.get("model") if isinstance(saved, dict) else None
+    if not isinstance(saved, dict) or not any(key in saved for key in keys):
+        raise CheckpointError(f"{config_path}: not a model config with {', '.join(keys)}")
+    return {key: saved[key] for key in keys if key in saved}
+
+
+def local_parts(config, where, hub_ids=()):
+    """Loading a checkpoint never goes to the network unless asked: its model config's vision, lm and
+    tokenizer must be "tiny", empty or local directories; a hub id is allowed only when it is in hub_ids
+    (what the user named on the command line). Otherwise CheckpointError naming the file and the part."""
+    for part in ("vision", "lm", "tokenizer"):
+        name = getattr(config, part)
+        if name and name != "tiny" and not os.path.isdir(name) and name not in hub_ids:
+            raise CheckpointError(f"{where}: {part} is {name!r}, not a local directory; loading a checkpoint downloads "
+                                  f"nothing unless that hub id is given on the command line (train.py --{part}={name}, "
+                                  f"eval.py --hub_ids={name}), or make it a local copy's path")
 
 
 def nonfinite(state):
@@ -149,11 +221,7 @@ def save_state(directory, name, state):
 def load_state(directory, name):
     """save_state's files -> the nested dict (dict keys come back as strings)."""
     path = os.path.join(directory, name + ".json")
-    try:
-        with open(path) as f:
-            tree = json.load(f)
-    except (OSError, ValueError) as err:
-        raise CheckpointError(f"{path}: cannot read the training state ({err})") from None
+    tree = read_json(path)
     tensors = load_tensors(os.path.join(directory, name + ".safetensors"))
 
     def join(node):

@@ -56,13 +56,16 @@ def read_config_file(path, skip_other=False):
     train.py's, without importing it) and passes over everything else."""
     if not os.path.isfile(path):
         raise SystemExit(f"config file {path!r} not found")
-    with open(path, encoding="utf-8") as f:
-        text = f.read()
+    try:
+        with open(path, encoding="utf-8") as f:
+            text = f.read()
+    except (OSError, UnicodeDecodeError) as err:
+        raise SystemExit(f"{path}: cannot read the config file ({err})") from None
     if path.endswith(".json"):
         try:
             values = json.loads(text)
-        except ValueError as err:
-            raise SystemExit(f"{path}: not valid JSON ({err})") from None
+        except (ValueError, RecursionError) as err:   # RecursionError: nested past the parser's depth
+            raise SystemExit(f"{path}: not valid JSON ({err if isinstance(err, ValueError) else 'nested too deep'})") from None
         if not isinstance(values, dict):
             raise SystemExit(f"{path}: expected a JSON object of options")
         return values
@@ -70,6 +73,8 @@ def read_config_file(path, skip_other=False):
         tree = ast.parse(text, filename=path)
     except SyntaxError as err:
         raise SystemExit(f"{path}:{err.lineno}: syntax error: {err.msg}") from None
+    except (RecursionError, MemoryError):
+        raise SystemExit(f"{path}: nested too deep to read as a config file") from None
     values = {}
     for node in tree.body:
         if isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant):

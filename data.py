@@ -8,8 +8,11 @@ The dataset format is JSONL, one sample per line:
 "options", "category" and "duration" are optional; any other key is kept.
 With "options" the sample is multiple choice and "answer" is a letter.
 """
+import errno
 import json
+import math
 import os
+import stat
 from collections import OrderedDict
 
 import numpy as np
@@ -25,6 +28,9 @@ import av
 
 
 MAX_REPORTED_ERRORS = 10  # load_jsonl lists this many problems, then "... and N more"
+# a video larger than this is decoded scaled down to it (aspect kept): one 4000x3000 clip of 50 frames cost
+# 4.0 GB decoded at full size; 1080p and smaller videos decode as they are, pixel for pixel
+MAX_DECODE_PIXELS = 1920 * 1080
 LETTERS = "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
 IMAGE = "<image>"            # in a prompt: where the video's visual tokens go (LLaVA's placeholder)
 TEMPLATES, MC_FORMATS = ("plain", "v1"), ("oneline", "videomme")
@@ -59,8 +65,31 @@ def _sample_indices(n, num_frames):
     return np.linspace(0, n - 1, num_frames).round().astype(np.int64)
 
 
+def decode_size(width, height, max_pixels=None):
+    """The (width, height) a width x height video is decoded at: itself when it has at most max_pixels
+    (default MAX_DECODE_PIXELS) pixels, else scaled down to at most that many, the aspect ratio kept
+    (even sides, as scalers prefer)."""
+    max_pixels = max_pixels or MAX_DECODE_PIXELS
+    if width * height <= max_pixels:
+        return width, height
+    scale = math.sqrt(max_pixels / (width * height))
+    return max(2, 2 * int(width * scale / 2)), max(2, 2 * int(height * scale / 2))
+
+
 def _read_decord(path, num_frames):
-    vr = decord.VideoReader(path, ctx=decord.cpu(0))
+    # decord's width / height set the exact output size (-1 keeps a side; it keeps no aspect ratio itself),
+    # and ffmpeg's scaler (its filter graph's default, bilinear) runs as each frame is decoded: no full-size
+    # RGB frame is ever made
+    size = {}
+    try:
+        with av.open(path) as container:    # the size in the header (a bad file is for decord to report)
+            codec = container.streams.video[0].codec_context
+            width, height = decode_size(codec.width, codec.height)
+            if (width, height) != (codec.width, codec.height):
+                size = {"width": width, "height": height}
+    except Exception:
+        pass
+    vr = decord.VideoReader(path, ctx=decord.cpu(0), **size)
     n = len(vr)
     if n == 0:
         raise VideoError(f"{path}: video has zero frames")
@@ -82,8 +111,10 @@ def _read_pyav(path, num_frames):
             wanted = _sample_indices(n, num_frames) if n > 0 else []
             wanted_set, picked, decoded = set(int(i) for i in wanted), {}, 0
             for frame in container.decode(stream):
-                if decoded in wanted_set:
-                    picked[decoded] = frame.to_ndarray(format="rgb24")
+                if decoded in wanted_set:     # scaled as it is converted, as decord does (MAX_DECODE_PIXELS)
+                    width, height = decode_size(frame.width, frame.height)
+                    picked[decoded] = frame.to_ndarray(format="rgb24", width=width, height=height,
+                                                       interpolation="BILINEAR")
                 decoded += 1
         if decoded == 0:
             raise VideoError(f"{path}: video has zero frames")
@@ -93,10 +124,33 @@ def _read_pyav(path, num_frames):
     raise VideoError(f"{path}: the frame count differs between two decodes")
 
 
+def check_video_file(path):
+    """VideoError naming the path unless it is a regular, non-empty file (followed through symlinks),
+    saying what it is instead: missing, a dangling symlink or a loop, a directory, a FIFO (never opened:
+    reading one waits for a writer), a socket or device, empty."""
+    try:
+        info = os.stat(path)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise VideoError(f"{path}: a symlink loop, not a video file") from None
+        if isinstance(err, FileNotFoundError):
+            raise VideoError(f"{path}: " + ("a symlink to a missing file" if os.path.islink(path) else "file not found")) from None
+        raise VideoError(f"{path}: cannot read ({err.strerror or err})") from None
+    kinds = ((stat.S_ISDIR, "a directory"), (stat.S_ISFIFO, "a FIFO (named pipe)"), (stat.S_ISSOCK, "a socket"),
+             (stat.S_ISCHR, "a character device"), (stat.S_ISBLK, "a block device"))
+    for test, kind in kinds:
+        if test(info.st_mode):
+            raise VideoError(f"{path}: {kind}, not a video file")
+    if info.st_size == 0:
+        raise VideoError(f"{path}: file is empty")
+
+
 def load_video(path, num_frames, backend="auto"):
-    """num_frames frames sampled uniformly over the whole video -> uint8 (num_frames, H, W, 3), RGB.
-    backend: "auto" (decord if importable, else PyAV), "decord" or "pyav". A missing, empty, corrupt
-    or frameless file raises VideoError naming the path (the decoder's exception chained as cause)."""
+    """num_frames frames sampled uniformly over the whole video -> uint8 (num_frames, H, W, 3), RGB; a video of
+    more than MAX_DECODE_PIXELS pixels is decoded scaled down to that (aspect kept), so one huge source costs
+    little more than a 1080p one. backend: "auto" (decord if importable, else PyAV), "decord" or "pyav". A
+    missing, empty, corrupt or frameless file, or a path that is no file (check_video_file) raises VideoError
+    naming the path (the decoder's exception chained as cause)."""
     path = os.fspath(path)
     if backend == "auto":
         backend = "decord" if HAVE_DECORD else "pyav"
@@ -105,10 +159,7 @@ def load_video(path, num_frames, backend="auto"):
     if backend == "decord" and not HAVE_DECORD:
         # not a VideoError: a trainer that skips bad videos must not skip them all
         raise ImportError("decord is not installed: use backend='pyav' or 'auto'")
-    if not os.path.isfile(path):
-        raise VideoError(f"{path}: file not found")
-    if os.path.getsize(path) == 0:
-        raise VideoError(f"{path}: file is empty")
+    check_video_file(path)
     try:
         frames = _read_decord(path, num_frames) if backend == "decord" else _read_pyav(path, num_frames)
     except VideoError:

@@ -37,7 +37,8 @@ from tqdm import tqdm
 
 from answers import EXTRACTORS, extract_choice, normalize_answer
 from configurator import all_finished, configure, rank_and_world, setup_distributed, shutdown_distributed
-from data import MC_FORMATS, load_jsonl, read_videos, write_jsonl
+from checkpoint import MANIFEST, CheckpointError
+from data import MC_FORMATS, DatasetError, load_jsonl, read_videos, write_jsonl
 from judge import JUDGE_BACKOFF, JUDGE_BASE_URL, JUDGE_MAX_RETRIES, JUDGE_PROMPTS, Judge, JudgeError
 from policies import load_policy
 from oracle import OracleError, reference_letter, run_many
@@ -162,14 +163,14 @@ def read_predictions(path, task):
     records, bad = {}, 0
     if not os.path.exists(path):
         return records
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:     # bytes: a line cut inside a multibyte character is one more bad line
         for line in f:
             if not line.strip():
                 continue
             try:
-                record = json.loads(line)
+                record = json.loads(line.decode("utf-8"))
                 sid = record["id"]
-            except (ValueError, KeyError, TypeError):
+            except (ValueError, KeyError, TypeError, RecursionError):
                 bad += 1
                 continue
             if record.get("task") != task:
@@ -244,8 +245,9 @@ def evaluate(policy, samples, task="exact", batch_size=32, max_new_tokens=None, 
     out = None
     if predictions_path and rank == 0:
         os.makedirs(os.path.dirname(os.path.abspath(predictions_path)), exist_ok=True)
-        if resume:   # rewrite first: a half-written last line must not swallow the next record
-            write_jsonl(predictions_path, done.values())
+        if resume:   # rewrite first: a half-written last line must not swallow the next record, and the
+            # records to be redone (skipped, invalid) go, so the file keeps one record per id
+            write_jsonl(predictions_path, [record for record in done.values() if is_complete(record)])
         out = open(predictions_path, "a" if resume else "w", encoding="utf-8")
     was_training = policy.training
     policy.eval()
@@ -286,8 +288,16 @@ def evaluate(policy, samples, task="exact", batch_size=32, max_new_tokens=None, 
 # command line
 
 def default_predictions_path(checkpoint, data_path, task):
-    """<checkpoint>/eval/<data file stem>_<task>_predictions.jsonl"""
-    return os.path.join(checkpoint, "eval", f"{os.path.splitext(os.path.basename(data_path))[0]}_{task}_predictions.jsonl")
+    """<where>/eval/<checkpoint>/<data file stem>_<task>_predictions.jsonl, outside every checkpoint directory:
+    a save replaces a checkpoint directory whole, so files written inside one are lost (a resumed run deleted
+    out/ckpt/model/eval/). out/sft -> out/eval/sft/; out/ckpt/model (out/ckpt is a checkpoint) -> out/eval/ckpt_model/."""
+    outer = os.path.abspath(checkpoint)
+    while os.path.isfile(os.path.join(os.path.dirname(outer), MANIFEST)):    # a checkpoint inside a checkpoint
+        outer = os.path.dirname(outer)
+    where = os.path.dirname(outer) if os.path.isabs(checkpoint) else os.path.relpath(os.path.dirname(outer))
+    name = os.path.relpath(os.path.abspath(checkpoint), os.path.dirname(outer)).replace(os.sep, "_")
+    stem = os.path.splitext(os.path.basename(data_path))[0]
+    return os.path.normpath(os.path.join(where, "eval", name, f"{stem}_{task}_predictions.jsonl"))
 
 
 def default_results_path(predictions_path):
@@ -305,10 +315,11 @@ max_new_tokens = 0           # 0: the task's default (DEFAULT_MAX_NEW_TOKENS)
 temperature = -1.0           # < 0: the task's default (DEFAULT_TEMPERATURE; 0 = greedy)
 seed = 0
 limit = 0                    # evaluate only the first N samples (0: all)
-predictions = ""             # default: <checkpoint>/eval/<data>_<task>_predictions.jsonl
+predictions = ""             # default: <checkpoint's folder>/eval/<checkpoint>/<data>_<task>_predictions.jsonl
 out = ""                     # results JSON; default: beside the predictions
 resume = False               # keep the predictions already in the file
 dtype = ""                   # override the checkpoint's dtype (e.g. bfloat16)
+hub_ids = ""                 # comma-separated hub ids the checkpoint's parts may be downloaded from (else nothing is)
 mc_prompt = "auto"           # auto | videomme (lmms-eval's default videomme prompt) | oneline (this project's)
 extract = "project"          # project | lmms: read the letter exactly as lmms-eval 0.7.3 does (leaderboard numbers)
 judge_prompt = "videochatgpt"   # videochatgpt: its ActivityNet-QA judge messages, word for word | project
@@ -319,6 +330,9 @@ judge_model = ""
 judge_api_key_env = "OPENAI_API_KEY"   # the environment variable holding the key
 judge_max_retries = JUDGE_MAX_RETRIES
 judge_backoff = JUDGE_BACKOFF          # first retry delay, seconds
+judge_timeout = 30.0                   # seconds a judge request may wait for data
+judge_max_seconds = 60.0               # one verdict's whole budget, retries included: a dead or dripping judge costs this
+max_invalid_fraction = 0.1             # exit 1 when more of the judged samples get no valid verdict
 compare = ""                 # "A.json,B.json": print two results side by side, delta = B - A
 quiet = False                # no progress bar
 
@@ -350,12 +364,17 @@ def main(argv):
     if task_ == "open":
         if not judge_model:
             raise SystemExit("--task=open needs a judge: --judge_model (and --judge_base_url, --judge_api_key_env)")
-        judge = Judge(base_url=judge_base_url, model=judge_model, api_key_env=judge_api_key_env,
-                      max_retries=judge_max_retries, backoff=judge_backoff, temperature=judge_temperature)
+        try:
+            judge = Judge(base_url=judge_base_url, model=judge_model, api_key_env=judge_api_key_env,
+                          max_retries=judge_max_retries, backoff=judge_backoff, temperature=judge_temperature,
+                          timeout=judge_timeout, max_seconds=judge_max_seconds)
+        except ValueError as err:      # e.g. an API key that cannot be sent (never printed)
+            raise SystemExit(f"--judge_api_key_env={judge_api_key_env}: {err}") from None
 
     # torchrun: one model replica per GPU, each evaluating a shard
     rank, _, default_device = setup_distributed()
-    policy = load_policy(checkpoint, **({"dtype": dtype} if dtype else {})).to(device or default_device)
+    policy = load_policy(checkpoint, hub_ids={name for name in hub_ids.split(",") if name},
+                         **({"dtype": dtype} if dtype else {})).to(device or default_device)
     predictions_path = predictions or default_predictions_path(checkpoint, data, task_)
     out_path = out or default_results_path(predictions_path)
     results = evaluate(policy, samples, task=task_, batch_size=batch_size, max_new_tokens=max_new_tokens or None,
@@ -371,8 +390,26 @@ def main(argv):
         print_results(results, title=f"{task_}: {checkpoint} on {data}")
         print(f"predictions: {predictions_path}\nresults: {out_path}")
     shutdown_distributed()      # no rank leaves while rank 0 still writes
-    return 0
+    return 1 if rank == 0 and too_many_invalid(results) else 0
+
+
+def too_many_invalid(results):
+    """Open-ended QA: say beside the accuracy how many verdicts it is over; True (exit 1) when more than
+    max_invalid_fraction of the judged samples got none (a judge that died mid-run left 8 valid of 40: 100 %)."""
+    if results["task"] != "open" or not results["n"]:
+        return False
+    invalid, n = results["invalid"], results["n"]
+    print(f"accuracy {100 * results['accuracy']:.1f}% over {n - invalid} valid judge verdicts of {n} ({invalid} invalid)")
+    if invalid <= max_invalid_fraction * n:
+        return False
+    print(f"error: {invalid} of {n} samples have no valid judge verdict (more than --max_invalid_fraction="
+          f"{max_invalid_fraction:g}); the accuracy stands on the other {n - invalid}. --resume=True asks the judge "
+          "again for those", file=sys.stderr)
+    return True
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (CheckpointError, DatasetError) as err:    # a bad input file: its name and what is wrong, no traceback
+        sys.exit(f"eval.py: {err}")

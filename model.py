@@ -393,19 +393,19 @@ class VideoLM(nn.Module):
         self.tokenizer.save_pretrained(os.path.join(directory, TOKENIZER))
 
     @classmethod
-    def load(cls, path, **overrides):
-        """Rebuild from `save`'s directory; overrides change config fields (e.g. dtype). Refuses, naming
-        the file, a checkpoint whose checksums do not match or whose weights are not finite."""
+    def load(cls, path, hub_ids=(), **overrides):
+        """Rebuild from `save`'s directory; overrides change config fields (e.g. dtype). Refuses, naming the file, a
+        checkpoint whose checksums do not match, whose weights are not finite, or with a hub id not in hub_ids."""
         config_path = os.path.join(path, CONFIG)
         if not os.path.exists(config_path):
             raise FileNotFoundError(f"{path}: not a model checkpoint (no {CONFIG})")
         checkpoint.verify(path)
+        meta = checkpoint.read_json(config_path)
         try:
-            with open(config_path) as f:
-                meta = json.load(f)
             config = ModelConfig.from_dict({**meta["model"], **overrides})
         except (ValueError, KeyError, TypeError) as err:
             raise checkpoint.CheckpointError(f"{config_path}: not a model config ({type(err).__name__}: {err})") from None
+        checkpoint.local_parts(config, config_path, hub_ids)
         config.tokenizer = config.tokenizer or (os.path.join(path, TOKENIZER) if config.lm == "tiny" else "")
         model = cls(config)
         model.config.tokenizer = meta["model"]["tokenizer"]

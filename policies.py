@@ -46,10 +46,11 @@ def make_policy(name, **options):
     raise ValueError(f"unknown policy {name!r}; known: {POLICIES}, or load a directory with load_policy")
 
 
-def load_policy(path, **overrides):
+def load_policy(path, hub_ids=(), **overrides):
     """A policy from a directory, nothing downloaded: a VideoLM or QwenVLPolicy checkpoint (their save()), or a
     transformers model directory whose config.json names a model_type in qwen_parts.FAMILIES. overrides:
-    config fields to change (dtype, load_in_4bit, gradient_checkpointing, num_frames, share_prefix, lora_r...)."""
+    config fields to change (dtype, load_in_4bit, gradient_checkpointing, num_frames, share_prefix, lora_r...).
+    hub_ids: the hub ids a VideoLM checkpoint's parts may be downloaded from (VideoLM.load); none by default."""
     config_path = os.path.join(path, CONFIG)
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{path}: neither a policy checkpoint nor a transformers model directory (no {CONFIG})")
@@ -62,4 +63,4 @@ def load_policy(path, **overrides):
         return QwenVLPolicy(QwenVLConfig.from_dict({**overrides, "base": path}))
     if meta.get("policy") in FAMILIES:          # QwenVLPolicy.save
         return QwenVLPolicy.load(path, **overrides)
-    return VideoLM.load(path, **overrides)
+    return VideoLM.load(path, hub_ids=hub_ids, **overrides)

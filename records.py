@@ -6,43 +6,83 @@ What a training run writes in its out_dir, so that train.py's loop reads as Algo
     results.json    before / after accuracy, the configuration, seconds per phase, the fault counters
     tensorboard/    the same numbers with --report_to=tensorboard, for watching a run live
 
-Only process 0 writes; on the other processes a RunLog does nothing. metrics.jsonl is the record
+Only process 0 writes; on the other processes a RunLog does nothing. `lock_out_dir` keeps a second
+train.py off an out_dir in use (out_dir/train.lock, held while the run lives). metrics.jsonl is the record
 (`python experiments.py --study=plot --plot_dir=OUT` draws it); TensorBoard is a view of it. The study
 (experiments.py) keeps a finished run's metrics.jsonl as metrics.jsonl.gz (`archive_metrics`), which
 `read_jsonl` reads as well.
 """
+import contextlib
+import fcntl
 import gzip
 import json
 import os
-import tempfile
 import warnings
+
+from tables import format_comparison
 
 ARCHIVE_DIGITS = 6           # significant digits of a float kept by archive_metrics
 
 
-def check_writable(out_dir):
-    """Fail now, not after the warm start has trained, when out_dir cannot be written."""
+def lock_out_dir(out_dir):
+    """Hold out_dir/train.lock (an exclusive flock, which the kernel drops when the process ends, kill -9
+    included) -> the open file: keep it, closing it releases the lock. A second run on the same out_dir
+    would interleave its metrics with the first's and overwrite its checkpoints (measured: one died
+    mid-save, or both exited 0), so it stops at once, naming the holder's pid. Creates out_dir; one that
+    cannot be written is an error naming it."""
+    path = os.path.join(out_dir, "train.lock")
     try:
         os.makedirs(out_dir, exist_ok=True)
-        tempfile.TemporaryFile(dir=out_dir).close()
+        lock = open(path, "a+", encoding="utf-8")
     except OSError as err:
         raise SystemExit(f"--out_dir={out_dir} is not writable: {err}") from None
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        lock.seek(0)
+        holder = lock.read().strip() or "unknown"
+        lock.close()
+        raise SystemExit(f"--out_dir={out_dir} is in use by another run (pid {holder}, lock {path}): wait for it, stop "
+                         "it, or use another --out_dir") from None
+    lock.seek(0)
+    lock.truncate()
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 def keep_metrics_until(path, step):
     """Drop the lines of steps after the checkpoint we resume from (a crashed run's tail), and any
-    half-written line (with a warning naming it)."""
+    half-written or undecodable line (with a warning naming it)."""
     kept = []
     if step > 0 and os.path.exists(path):
-        with open(path) as f:
+        with open(path, "rb") as f:        # bytes: a line that is not UTF-8 is one more bad line
             for number, line in enumerate(f, start=1):
                 try:
-                    if line.strip() and json.loads(line)["step"] <= step:
-                        kept.append(line if line.endswith("\n") else line + "\n")
-                except (ValueError, KeyError, TypeError):
+                    text = line.decode("utf-8")
+                    if text.strip() and json.loads(text)["step"] <= step:
+                        kept.append(text if text.endswith("\n") else text + "\n")
+                except (ValueError, KeyError, TypeError, RecursionError):
                     warnings.warn(f"{path}:{number}: unreadable metrics line dropped (a run killed mid-write?)")
-    with open(path, "w") as f:
+    with open(path, "w", encoding="utf-8") as f:
         f.writelines(kept)
+
+
+def write_atomically(path, text):
+    """text to path, never seen half-written: written beside it, flushed to the disk, then renamed in. A
+    failure (a full disk) removes the temporary file, leaves an earlier `path` as it was, and raises
+    OSError naming path: no empty or partial file is left for a reader to take as complete."""
+    tmp = f"{path}.tmp"
+    try:
+        with open(tmp, "w", encoding="utf-8") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as err:
+        with contextlib.suppress(OSError):
+            os.remove(tmp)
+        raise OSError(err.errno, f"{path} not written ({err.strerror or err}); an earlier one is left as it was") from None
 
 
 def append_jsonl(path, row):
@@ -115,13 +155,20 @@ class RunLog:
         self.scalars("eval", results, step)
 
     def results(self, results):
-        """results.json, written beside its place and renamed in: experiments.py takes its presence for a
-        finished run, so it is never seen half-written."""
+        """results.json, written atomically (write_atomically): experiments.py takes its presence for a
+        finished run, so it is never seen empty or half-written, a full disk included."""
         if self.master:
-            path = self.path("results.json")
-            with open(path + ".tmp", "w") as f:
-                json.dump(results, f, indent=2)
-            os.replace(path + ".tmp", path)
+            write_atomically(self.path("results.json"), json.dumps(results, indent=2))
+
+    def finish(self, before, after, config, seconds, counters, names):
+        """results.json at the end of a run, and the before/after table (names: its two columns). -> the results"""
+        results = {"before": before, "after": after, "config": config, "seconds": seconds, "counters": counters}
+        self.results(results)
+        if self.master:
+            if before and after:
+                print(format_comparison(before, after, names=names))
+            print(f"wrote {self.path('results.json')}; {counters}; {seconds['total']:.0f} s in all")
+        return results
 
     def scalars(self, prefix, values, step):
         """Numbers of a metrics row or an evaluation (its by_* breakdowns as prefix/by_category/NAME) to TensorBoard."""

@@ -350,6 +350,31 @@ def test_convert_cli(tmp_path):
     assert data.load_jsonl(out)[0]["video"] == str(tmp_path / "vid1.avi")
 
 
+QA = {"video_name": "vid1", "question": "what is shown?", "answer": "a cat", "question_id": 1}
+
+
+@pytest.mark.parametrize("kind, entries, message", [
+    ("msvd_qa", [QA, dict(QA, video_name="vid2")], r"out.jsonl:2: duplicate id '1'"),
+    ("msvd_qa", [QA, dict(QA, question_id=2, question="  ")], r"out.jsonl:2: 'question' must be a non-empty string"),
+    ("msvd_qa", [QA, dict(QA, question_id=None)], r"entry 1 \(question_id=None\): the question id must be"),
+    ("videomme", [VIDEOMME_ROW, dict(VIDEOMME_ROW, question_id="001-2", options=["A. x", "B. x", "C. y", "D. z"])],
+     r"out.jsonl:2: 'options' contains duplicates")])
+def test_benchmarks_validates_before_it_writes_and_keeps_a_previous_good_file(tmp_path, kind, entries, message):
+    ann, out = dump(tmp_path / "ann.json", entries), tmp_path / "out.jsonl"
+    out.write_text("a previous, good file\n")
+    with pytest.raises(DatasetError, match=message):
+        benchmarks.main([f"--benchmark={kind}", f"--annotations={ann}", f"--video_dir={tmp_path}", f"--out={out}"])
+    assert out.read_text() == "a previous, good file\n" and sorted(os.listdir(tmp_path)) == ["ann.json", "out.jsonl"]
+
+
+@pytest.mark.parametrize("name", ["../../etc/passwd", "/etc/passwd", "sub/../../outside"])
+def test_a_video_name_that_leads_outside_video_dir_is_an_error_naming_the_entry(tmp_path, name):
+    with pytest.raises(DatasetError, match=rf"qa.json: entry 1 \(question_id=2\): video name '{name}' leads outside"):
+        benchmarks.convert_msvd_qa(dump(tmp_path / "qa.json", [QA, dict(QA, video_name=name, question_id=2)]), "vids")
+    with pytest.raises(DatasetError, match=rf"entry 0 \(question_id='001-1'\): video name '{name}.mp4' leads outside"):
+        benchmarks.convert_videomme(dump(tmp_path / "mme.json", [dict(VIDEOMME_ROW, videoID=name)]), "vids")
+
+
 # -----------------------------------------------------------------------------
 # synthetic video QA
 
@@ -488,6 +513,35 @@ def test_each_clip_is_fitted_as_it_is_decoded_so_a_huge_video_costs_nothing_extr
     assert sizes == [(4, 1200, 1600, 3), (4, 48, 64, 3)]                 # one clip at a time ...
     assert frames.shape == (2, 4, 32, 32, 3) and frames.dtype == torch.uint8   # ... batched at the model's size
     assert [s["id"] for s in loaded] == ["big", "small"] and not failures
+
+
+def test_a_video_larger_than_1080p_is_decoded_scaled_down_so_its_size_costs_nothing(tmp_path, monkeypatch):
+    assert data.MAX_DECODE_PIXELS == 1920 * 1080
+    assert data.decode_size(4000, 3000) == (1662, 1246) and data.decode_size(1920, 1080) == (1920, 1080)
+    assert data.decode_size(3840, 2160) == (1920, 1080)
+    path = tmp_path / "wide.mp4"                        # the same at a size a test decodes quickly: cap 80 x 60
+    synth.write_mp4(str(path), np.random.default_rng(0).integers(0, 256, (4, 120, 160, 3), dtype=np.uint8))
+    monkeypatch.setattr(data, "MAX_DECODE_PIXELS", 80 * 60)
+    clips = {backend: data.load_video(path, 4, backend=backend) for backend in BACKENDS}
+    assert all(clip.shape == (4, 60, 80, 3) for clip in clips.values())       # aspect kept, never full size
+    assert all((clip.float() - clips["pyav"].float()).abs().mean() < 4 for clip in clips.values())   # ffmpeg's, bilinear
+                                                                                  # (measured 2.6 on this noise)
+    monkeypatch.setattr(data, "MAX_DECODE_PIXELS", 160 * 120)                  # at the cap: pixel for pixel
+    assert all(torch.equal(data.load_video(path, 4, backend=b), data.load_video(path, 4, backend="pyav"))
+               for b in BACKENDS)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_a_path_that_is_no_video_file_says_what_it_is(tmp_path, backend):
+    directory, fifo, loop, dangling = (tmp_path / name for name in ("dir.mp4", "fifo.mp4", "loop.mp4", "dangling.mp4"))
+    directory.mkdir()
+    os.mkfifo(fifo)                                      # never opened: a read would wait for a writer
+    os.symlink(loop, loop)
+    os.symlink(tmp_path / "gone.mp4", dangling)
+    for path, what in ((directory, "a directory, not a video file"), (fifo, r"a FIFO \(named pipe\), not a video file"),
+                       (loop, "a symlink loop, not a video file"), (dangling, "a symlink to a missing file")):
+        with pytest.raises(VideoError, match=f"{path.name}: {what}"):
+            data.load_video(path, 4, backend=backend)
 
 
 def test_clip_cache_serves_decoded_clips_within_its_budget_and_never_failures(tmp_path, monkeypatch):

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
@@ -290,7 +291,7 @@ def test_open_end_to_end_cli_with_fake_judge(synth, checkpoint, tmp_path, capsys
         assert ev.main([f"--checkpoint={checkpoint}", f"--data={data}", "--task=open",
                         f"--judge_base_url={judge.url}", "--judge_model=fake", "--judge_max_retries=1",
                         "--judge_backoff=0.01", "--max_new_tokens=12", f"--predictions={predictions}",
-                        f"--out={out}", "--quiet=True"]) == 0
+                        f"--out={out}", "--quiet=True", "--max_invalid_fraction=0.25"]) == 0   # 1 of 4 invalid
     finally:
         judge.close()
     assert judge.attempts("q0") == 1 and judge.attempts("q1") == 2 and judge.attempts("q2") == 2
@@ -307,6 +308,7 @@ def test_open_end_to_end_cli_with_fake_judge(synth, checkpoint, tmp_path, capsys
         assert f"Correct Answer: {row['answer']}\nPredicted Answer: {lines[row['id']]['prediction']}\n" in prompt
     printed = capsys.readouterr().out
     assert "Overall" in printed and "invalid judge verdicts: 1" in printed
+    assert "accuracy 66.7% over 3 valid judge verdicts of 4 (1 invalid)" in printed
 
 
 def test_open_needs_a_judge_on_the_command_line(synth, checkpoint):
@@ -449,8 +451,9 @@ def test_compare_open_has_accuracy_and_score_and_missing_rows():
 def test_cli_infers_the_task_and_writes_files(synth, checkpoint, capsys):
     assert ev.main([f"--checkpoint={checkpoint}", f"--data={synth['eval_mc']}", "--batch_size=5",
                     "--limit=6", "--quiet=True"]) == 0
-    predictions = os.path.join(checkpoint, "eval", "eval_mc_mc_predictions.jsonl")
-    results = json.load(open(os.path.join(checkpoint, "eval", "eval_mc_mc_results.json")))
+    beside = os.path.join(os.path.dirname(checkpoint), "eval", os.path.basename(checkpoint))   # never inside it
+    predictions = os.path.join(beside, "eval_mc_mc_predictions.jsonl")
+    results = json.load(open(os.path.join(beside, "eval_mc_mc_results.json")))
     assert results["task"] == "mc" and results["n"] == 6 and results["max_new_tokens"] == 5
     assert 0.0 <= results["accuracy"] <= 1.0 and set(results["by_category"]) <= {"colour", "count", "position", "order"}
     lines = read_lines(predictions)
@@ -458,7 +461,7 @@ def test_cli_infers_the_task_and_writes_files(synth, checkpoint, capsys):
     assert "Overall" in capsys.readouterr().out
     # no options: exact match
     assert ev.main([f"--checkpoint={checkpoint}", f"--data={synth['eval']}", "--limit=3", "--quiet=True"]) == 0
-    results = json.load(open(os.path.join(checkpoint, "eval", "eval_exact_results.json")))
+    results = json.load(open(os.path.join(beside, "eval_exact_results.json")))
     assert results["task"] == "exact" and results["n"] == 3 and results["max_new_tokens"] == 8
 
 
@@ -558,3 +561,122 @@ def test_open_judge_gets_videochatgpts_messages_and_is_aggregated_as_it_does(syn
     # "yes" in pred: yes; else "no" in it: no; else neither (left out of the accuracy, counted, scored)
     assert results["accuracy"] == pytest.approx(2 / 3) and results["unclear"] == 1 and results["invalid"] == 0
     assert results["score"] == pytest.approx((4.8 + 1 + 3 + 5) / 4) and results["judge_prompt"] == "videochatgpt"
+
+
+# ---------------------------------------------------------------------------------------------
+# faults, second round: a dripping judge, invalid verdicts, resume, where the files go
+
+
+def tagged_open_rows(synth, tmp_path, n=4):
+    rows = load_jsonl(synth["eval"])[:n]
+    for i, row in enumerate(rows):
+        row["question"] += f" [q{i}]"          # so the fake judge can tell the requests apart
+    path = tmp_path / "open.jsonl"
+    write_jsonl(path, rows)
+    return rows, path
+
+
+def test_a_dripping_judge_costs_judge_max_seconds_per_verdict_not_300_s(synth, checkpoint, tmp_path, capsys):
+    stop = threading.Event()
+
+    class Drip(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Length", "100000")
+            self.end_headers()
+            while not stop.is_set():                   # a byte every 50 ms: every read is quick, the reply never ends
+                try:
+                    self.wfile.write(b" ")
+                    self.wfile.flush()
+                except OSError:
+                    return
+                stop.wait(0.05)
+
+        def log_message(self, *args):
+            pass
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Drip)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    rows, data = tagged_open_rows(synth, tmp_path)
+    start = time.monotonic()
+    try:
+        code = ev.main([f"--checkpoint={checkpoint}", f"--data={data}", "--task=open", "--judge_model=m",
+                        f"--judge_base_url=http://127.0.0.1:{server.server_address[1]}/v1", "--judge_max_seconds=1.0",
+                        "--judge_timeout=0.5", "--judge_max_retries=3", f"--predictions={tmp_path / 'p.jsonl'}",
+                        "--max_new_tokens=2", "--quiet=True"])
+    finally:
+        stop.set()
+        server.shutdown()
+        server.server_close()
+    assert time.monotonic() - start < 15                     # 4 verdicts at once, 1 s each (300 s each before)
+    assert code == 1 and "4 of 4 samples have no valid judge verdict" in capsys.readouterr().err
+    assert all(line["invalid"] and "max_seconds=1.0" in line["error"] for line in read_lines(tmp_path / "p.jsonl"))
+
+
+def test_invalid_verdicts_exit_1_and_a_resume_keeps_one_record_per_id(synth, checkpoint, tmp_path, capsys):
+    rows, data = tagged_open_rows(synth, tmp_path)
+    predictions = tmp_path / "p.jsonl"
+    args = [f"--checkpoint={checkpoint}", f"--data={data}", "--task=open", "--judge_model=m", "--judge_max_retries=0",
+            f"--predictions={predictions}", "--max_new_tokens=2", "--quiet=True"]
+    dying = FakeJudgeServer({"q0": ['{"pred": "yes", "score": 5}'], "q1": ["502 Bad Gateway"],
+                             "q2": ["502 Bad Gateway"], "q3": ["502 Bad Gateway"]})     # died after one verdict
+    try:
+        assert ev.main(args + [f"--judge_base_url={dying.url}"]) == 1
+    finally:
+        dying.close()
+    captured = capsys.readouterr()
+    assert "accuracy 100.0% over 1 valid judge verdicts of 4 (3 invalid)" in captured.out
+    assert "3 of 4 samples have no valid judge verdict" in captured.err
+    back = FakeJudgeServer({f"q{i}": ['{"pred": "no", "score": 1}'] for i in range(4)})
+    try:
+        assert ev.main(args + [f"--judge_base_url={back.url}", "--resume=True"]) == 0
+    finally:
+        back.close()
+    assert back.attempts("q0") == 0 and [back.attempts(f"q{i}") for i in (1, 2, 3)] == [1, 1, 1]
+    lines = read_lines(predictions)
+    assert sorted(line["id"] for line in lines) == sorted(row["id"] for row in rows)     # 4 lines for 4 ids
+    assert not any(line["invalid"] for line in lines)
+
+
+def test_resume_survives_a_last_line_cut_inside_a_multibyte_character(synth, tmp_path):
+    rows = load_jsonl(synth["eval"])[:4]
+    replies = {row["id"]: "rouge \u00e9carlate \u2014 \u7ea2" for row in rows}
+    predictions = tmp_path / "p.jsonl"
+    full = ev.evaluate(ScriptedPolicy(replies), rows, predictions_path=str(predictions), progress=False)
+    data = predictions.read_bytes()
+    cut = data.rindex("\u7ea2".encode()) + 1                 # killed in the middle of the last record's character
+    predictions.write_bytes(data[:cut])
+    policy = ScriptedPolicy(replies)
+    assert ev.evaluate(policy, rows, predictions_path=str(predictions), resume=True, progress=False) == full
+    assert policy.generated == [[rows[-1]["id"]]] and len(read_lines(predictions)) == 4
+
+
+def test_default_predictions_survive_the_next_save_of_the_checkpoint_they_evaluate(synth, checkpoint, tmp_path):
+    import shutil
+    from checkpoint import write_dir
+    out = tmp_path / "out"
+    write_dir(str(out / "ckpt"), lambda d: shutil.copytree(checkpoint, os.path.join(d, "model")))   # a train.py checkpoint
+    model = str(out / "ckpt" / "model")
+    assert ev.main([f"--checkpoint={model}", f"--data={synth['eval']}", "--limit=2", "--quiet=True"]) == 0
+    predictions = out / "eval" / "ckpt_model" / "eval_exact_predictions.jsonl"
+    assert len(read_lines(predictions)) == 2
+    write_dir(str(out / "ckpt"), lambda d: shutil.copytree(checkpoint, os.path.join(d, "model")))   # the next save
+    assert len(read_lines(predictions)) == 2 and (out / "eval" / "ckpt_model" / "eval_exact_results.json").exists()
+
+
+def test_a_checkpoint_naming_a_hub_id_loads_only_when_the_command_line_names_it(synth, checkpoint, tmp_path, monkeypatch):
+    import shutil
+    from checkpoint import CheckpointError
+    from transformers import AutoTokenizer
+    path = str(tmp_path / "ckpt")
+    shutil.copytree(checkpoint, path)
+    meta = json.load(open(os.path.join(path, "config.json")))
+    meta["model"]["lm"] = "some-org/some-lm"
+    json.dump(meta, open(os.path.join(path, "config.json"), "w"))
+    os.remove(os.path.join(path, "manifest.json"))                     # edited by hand
+    monkeypatch.setattr(AutoTokenizer, "from_pretrained", lambda name, *a, **k: 1 / 0)   # a download would start here
+    args = [f"--checkpoint={path}", f"--data={synth['eval']}", "--limit=1", "--quiet=True"]
+    with pytest.raises(CheckpointError, match="lm is 'some-org/some-lm', not a local directory.*eval.py --hub_ids="):
+        ev.main(args)
+    with pytest.raises(ZeroDivisionError):
+        ev.main(args + ["--hub_ids=some-org/some-lm"])

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file
 
+import checkpoint
 import model
 import rollout as rollout_module
 import sft
@@ -455,6 +456,28 @@ def edited_checkpoint(tiny, tmp_path, **changes):
         json.dump(meta, f)
     os.remove(os.path.join(path, "manifest.json"))   # edited by hand: no manifest (with one, the edit is refused)
     return path
+
+
+@pytest.mark.parametrize("part", ["vision", "lm", "tokenizer"])
+def test_loading_a_checkpoint_never_goes_to_the_network_unless_the_hub_id_was_asked_for(tiny, tmp_path, monkeypatch, part):
+    import socket
+    from transformers import AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel
+    hub_id = "some-org/some-model"
+    path = edited_checkpoint(tiny, tmp_path, **{part: hub_id})
+    fetched = []
+
+    def fetch(name, *args, **kwargs):               # what a download would start with
+        fetched.append(name)
+        raise OSError(f"no network in this test ({name})")
+    for cls in (AutoModelForCausalLM, AutoTokenizer, CLIPVisionModel):
+        monkeypatch.setattr(cls, "from_pretrained", fetch)
+    monkeypatch.setattr(socket.socket, "connect", lambda *a: fetched.append("socket") or 1 / 0)
+    with pytest.raises(checkpoint.CheckpointError, match=f"config.json: {part} is '{hub_id}', not a local directory"):
+        VideoLM.load(path)
+    assert fetched == []
+    with pytest.raises(OSError, match="no network in this test"):     # named on the command line: it may go
+        VideoLM.load(path, hub_ids={hub_id})
+    assert hub_id in fetched
 
 
 def test_checkpoint_with_other_layer_count_raises_valueerror_naming_it(tiny, tmp_path):

@@ -612,3 +612,89 @@ def test_reply_parsing_is_linear_in_the_reply():
             parse_ranking(text, 3)
         assert time.monotonic() - start < 1.0, text[:20]
     assert find_json('noise {{ {"ranking": [2, 1]} }} more', "ranking") == {"ranking": [2, 1]}
+
+
+# ---------------------------------------------------------------------------------------------
+# hostile replies, second round: nesting, keys in every spelling, quadratic parses
+
+def leaked(text, secret=SECRET, size=6):
+    """The pieces of `secret` of `size` characters that appear in text."""
+    return sorted({secret[i:i + size] for i in range(len(secret) - size + 1) if secret[i:i + size] in text})
+
+
+DEEP = 100_000
+
+
+@pytest.mark.parametrize("reply", ['{"choices": ' + "[" * DEEP + "]" * DEEP + "}",          # the envelope
+                                   completion('{"ranking": ' + "[" * DEEP + "]" * DEEP + "}"),   # the content
+                                   completion("{'ranking': " + "(" * DEEP + ")" * DEEP + "}")],
+                         ids=["envelope", "content", "python-literal"])
+def test_a_reply_nested_100000_deep_is_an_oracle_error_never_an_exception(judge_server, reply):
+    import train_step
+    from eval import score_records
+    judge_server.behave = lambda index, body, headers: (200, {}, reply, 0.0)
+    oracle = make_judge(judge_server, max_retries=0)
+    ranks, valid, failures = train_step.oracle_ranks(oracle, [open_sample("x", f"q{i}") for i in range(3)],
+                                                     [["a", "b"]] * 3, workers=2)    # what train.py calls
+    assert not valid.any() and len(failures) == 3 and all("invalid reply" in f for f in failures)
+    sample = {**open_sample("two"), "id": "s"}                                       # what eval.py calls
+    records = score_records([sample], [{"prediction": "2", "truncated": False}], {}, "open",
+                            judge.Judge(base_url=judge_server.url, model="m", **FAST))
+    assert records[0]["invalid"] and "invalid reply" in records[0]["error"]
+
+
+def test_a_key_read_from_a_file_is_stripped_and_a_key_with_whitespace_inside_refused(judge_server, monkeypatch):
+    monkeypatch.setenv("MY_JUDGE_KEY", SECRET + "\n")                 # as `export KEY=$(cat key.txt)` ... or not
+    make_judge(judge_server, api_key_env="MY_JUDGE_KEY").rank(open_sample("x"), ["a", "b CORRECT"])
+    assert judge_server.requests[0]["headers"]["Authorization"] == f"Bearer {SECRET}"
+    for bad in (SECRET[:10] + "\n" + SECRET[10:], SECRET[:10] + " " + SECRET[10:], SECRET + "\u00e9"):
+        monkeypatch.setenv("MY_JUDGE_KEY", bad)
+        with pytest.raises(ValueError, match=r"\$MY_JUDGE_KEY holds a space, control or non-ASCII") as info:
+            make_judge(judge_server, api_key_env="MY_JUDGE_KEY")              # at start, before any work
+        assert not leaked(str(info.value))
+    monkeypatch.setenv("MY_JUDGE_KEY", SECRET)
+    oracle = make_judge(judge_server, api_key_env="MY_JUDGE_KEY")
+    monkeypatch.setenv("MY_JUDGE_KEY", SECRET[:10] + "\n" + SECRET[10:])     # changed during the run
+    with pytest.raises(OracleError, match="MY_JUDGE_KEY") as info:
+        oracle.rank(open_sample("x"), ["a", "b"])
+    assert not leaked(str(info.value)) and len(judge_server.requests) == 1    # nothing more was sent
+
+
+def test_no_piece_of_the_key_survives_masked_escaped_or_cut(judge_server, monkeypatch, caplog):
+    from eval import score_records
+    monkeypatch.setenv("MY_JUDGE_KEY", SECRET)
+    caplog.set_level(logging.DEBUG, logger="judge")
+    escaped = "".join(f"\\u{ord(c):04x}" for c in SECRET)            # JSON's spelling of each character
+    masked = SECRET[:16] + "*" * 8 + SECRET[-4:]                        # as OpenAI's 401 shows a key
+    replies = [(401, {}, json.dumps({"error": f"Incorrect API key provided: {masked}"})),
+               (302, {"Location": "http://elsewhere/?key=" + "".join(f"%{ord(c):02X}" for c in SECRET)}, "")]
+    for filler in range(180, 200, 3):           # the key across the parser's 200-character cut of a reply
+        replies.append((200, {}, '{"choices": [{"message": {"content": "' + "x" * filler + escaped + '"}}]}'))
+        replies.append((200, {}, completion("y" * filler + SECRET)))
+        replies.append((400, {}, "z" * (filler + 100) + escaped))    # ... and the 300-character cut of an error
+    for status, headers, body in replies:
+        judge_server.behave = lambda index, body_, headers_, reply=(status, headers, body): (*reply, 0.0)
+        with pytest.raises(OracleError) as info:
+            make_judge(judge_server, api_key_env="MY_JUDGE_KEY", max_retries=0).rank(open_sample("x"), ["a", "b"])
+        assert not leaked(str(info.value)), (status, body[:60], str(info.value)[-80:])
+    assert not leaked(caplog.text)
+    # nor eval.py's predictions records (the "error" of an invalid verdict)
+    judge_server.behave = lambda index, body, headers: (200, {}, completion("verdict: " + masked), 0.0)
+    records = score_records([{**open_sample("two"), "id": "s"}], [{"prediction": "2", "truncated": False}], {},
+                            "open", judge.Judge(base_url=judge_server.url, model="m", api_key_env="MY_JUDGE_KEY", **FAST))
+    assert records[0]["invalid"] and not leaked(json.dumps(records))
+
+
+def test_a_crafted_reply_parses_in_linear_time_and_inside_the_deadline(judge_server):
+    from judge import parse_ranking
+    crafted = '{"a":' * 100 + "f(" + ",".join(["1"] * 45_000) + ")" + "}" * 100        # 90 KB: 13-51 s before
+    start = time.monotonic()
+    with pytest.raises(ValueError):
+        parse_ranking(crafted, 3)
+    assert time.monotonic() - start < 1.0
+    judge_server.behave = lambda index, body, headers: (200, {}, completion(crafted), 0.0)
+    oracle = make_judge(judge_server, max_seconds=1.0, max_retries=1000, backoff=0.01, backoff_max=0.01)
+    start = time.monotonic()
+    with pytest.raises(OracleError, match="invalid reply|max_seconds=1.0"):   # the last attempt may be cut off
+        oracle.rank(open_sample("x"), ["a", "b"])
+    assert time.monotonic() - start < 2.0                              # max_seconds=1.0 (31 s before)

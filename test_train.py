@@ -369,14 +369,14 @@ def test_only_explicit_runtime_options_override_a_loaded_checkpoint(tmp_path):
 
 def test_each_prompt_belongs_to_exactly_one_process():
     for world in (1, 2, 4):
-        batch_index = train.global_batch_indices(100, epoch=1, step_in_epoch=2, global_batch=8 * world, seed=0)
-        shards = [train.prompts_of_process(batch_index, rank, world) for rank in range(world)]
+        batch_index = train_step.global_batch_indices(100, epoch=1, step_in_epoch=2, global_batch=8 * world, seed=0)
+        shards = [train_step.prompts_of_process(batch_index, rank, world) for rank in range(world)]
         assert sorted(sum(shards, [])) == sorted(batch_index.tolist())          # every prompt is owned ...
         assert len(set(sum(shards, []))) == len(batch_index)                    # ... by exactly one process
         assert all(len(shard) == 8 for shard in shards)
     # the permutation depends on the epoch only: a resumed run sees the same prompts
-    assert torch.equal(train.global_batch_indices(100, 1, 3, 16, 0), train.global_batch_indices(100, 1, 3, 16, 0))
-    assert not torch.equal(train.global_batch_indices(100, 1, 3, 16, 0), train.global_batch_indices(100, 2, 3, 16, 0))
+    assert torch.equal(train_step.global_batch_indices(100, 1, 3, 16, 0), train_step.global_batch_indices(100, 1, 3, 16, 0))
+    assert not torch.equal(train_step.global_batch_indices(100, 1, 3, 16, 0), train_step.global_batch_indices(100, 2, 3, 16, 0))
 
 
 def test_dropout_is_off_in_rl_so_the_first_pass_ratio_is_one(synth, sft_dir, tmp_path):
@@ -485,7 +485,7 @@ def test_a_half_written_metrics_line_is_dropped_with_a_warning_on_resume(synth, 
     ("--max_steps=-5", "--max_steps must be >= 0"), ("--lora_r=-1", "--lora_r must be >= 0"),
     ("--eval_size=-1", "--eval_size must be >= 0"), ("--learning_rate=nan", "--learning_rate must be finite"),
     ("--learning_rate=inf", "--learning_rate must be finite"), ("--top_p=1.5", r"--top_p must be in \[1e-09, 1\]"),
-    ("--judge_max_seconds=0.0", "--judge_max_seconds must be >= 0.001")])
+    ("--judge_max_seconds=0.0", "--judge_max_seconds must be >= 0.001"), ("--entropy_coef=nan", "--entropy_coef must be finite")])
 def test_numeric_options_are_checked_at_start(option, message, tmp_path):
     with pytest.raises(SystemExit, match=message):
         run_train(option, f"--out_dir={tmp_path / 'out'}")
@@ -594,3 +594,154 @@ def test_two_torchrun_nodes_on_loopback_then_resume_on_one_process(synth, tmp_pa
     assert len(state["rng"]["generators"]) == 2                 # both nodes' sampling streams were saved
     module, results = run_train(*args[1:], "--resume=True", "--stop_after_steps=0")   # world size 1 now
     assert [r["step"] for r in read_metrics(out)] == [1, 2, 3] and results["after"]["n"] == 8
+
+
+# ----------------------------------------------------------------------------- hostile input and faults, second round
+
+@pytest.fixture(scope="module")
+def stopped_run(synth, sft_dir, tmp_path_factory):
+    """A run stopped after step 1 of 2 with --template=v1, which the warm start (a checkpoint) does not use."""
+    out = str(tmp_path_factory.mktemp("stopped") / "out")
+    with pytest.warns(UserWarning, match="--template='v1' is not used: the loaded model has 'plain'"):
+        run_train(*common(synth, sft_dir, out), "--max_steps=2", "--stop_after_steps=1", "--template=v1")
+    return out
+
+
+def copy_run(run, tmp_path):
+    import shutil
+    out = str(tmp_path / "out")
+    shutil.copytree(run, out)
+    return out, os.path.join(out, "ckpt")
+
+
+def test_what_the_model_used_is_recorded_and_a_resume_refuses_other_seeing_options(stopped_run, synth, sft_dir, tmp_path):
+    out, ckpt = copy_run(stopped_run, tmp_path)
+    assert checkpoint.load_state(ckpt, "train_state")["config"]["template"] == "plain"       # the truth, not the option
+    for option, saved in (("--template=v1", "'plain'"), ("--image_pad=True", "False"), ("--project_first=True", "False"),
+                          ("--tokenizer=/elsewhere", "''"), ("--vision_post_layernorm=false", "'true'")):
+        with pytest.raises(SystemExit, match=f"{option.split('=')[0]}=.* \\(the checkpoint has {saved}\\)"):
+            run_train(*common(synth, sft_dir, out), "--max_steps=2", "--resume=True", option)
+
+
+def test_resume_over_a_checkpoint_that_does_not_verify_is_refused_never_a_fresh_start(stopped_run, synth, sft_dir, tmp_path):
+    out, ckpt = copy_run(stopped_run, tmp_path)
+    metrics = open(os.path.join(out, "metrics.jsonl"), "rb").read()
+    os.remove(os.path.join(ckpt, "manifest.json"))                                 # lacks only the manifest
+    files = sorted(checkpoint.files_of(ckpt))
+    with pytest.raises(checkpoint.CheckpointError, match=r"resume refused: .*ckpt: no manifest.json"):
+        run_train(*common(synth, sft_dir, out), "--max_steps=2", "--resume=True")
+    assert open(os.path.join(out, "metrics.jsonl"), "rb").read() == metrics and checkpoint.files_of(ckpt) == files
+    os.rename(ckpt, ckpt + ".bad")
+    copy_run(stopped_run, tmp_path / "good")
+    os.rename(str(tmp_path / "good" / "out" / "ckpt"), ckpt + ".old")             # a good previous one is named
+    os.rename(ckpt + ".bad", ckpt)
+    with pytest.raises(checkpoint.CheckpointError, match=r"ckpt.old is still there: move it to .*ckpt to resume"):
+        run_train(*common(synth, sft_dir, out), "--max_steps=2", "--resume=True")
+    # an empty model config (a full disk, a hand edit) under a manifest: named, not a JSONDecodeError
+    out, ckpt = copy_run(stopped_run, tmp_path / "empty")
+    open(os.path.join(ckpt, "model", "config.json"), "w").close()
+    with pytest.raises(checkpoint.CheckpointError, match=r"model/config.json: checksum mismatch"):
+        run_train(*common(synth, sft_dir, out), "--max_steps=2", "--resume=True")
+
+
+def test_a_second_run_on_an_out_dir_in_use_stops_at_once_naming_the_holder(synth, sft_dir, tmp_path):
+    import time
+    out = tmp_path / "out"
+    out.mkdir()
+    holder = subprocess.Popen([sys.executable, "-c", "import fcntl, os, sys, time\n"
+                               "lock = open(sys.argv[1], 'a+'); fcntl.flock(lock, fcntl.LOCK_EX)\n"
+                               "lock.seek(0); lock.truncate(); lock.write(str(os.getpid())); lock.flush()\n"
+                               "print('locked', flush=True); time.sleep(120)", str(out / "train.lock")],
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"                   # a run holds out_dir
+        start = time.monotonic()
+        with pytest.raises(SystemExit, match=f"--out_dir=.* is in use by another run \\(pid {holder.pid}"):
+            run_train(*common(synth, sft_dir, str(out)), "--max_steps=1")
+        assert time.monotonic() - start < 10 and sorted(os.listdir(out)) == ["train.lock"]   # nothing was written
+    finally:
+        holder.kill()
+        holder.wait()
+    import records
+    records.lock_out_dir(str(out)).close()                                     # the kernel released it with the holder
+
+
+def test_a_full_disk_never_leaves_a_partial_results_json_or_checkpoint(tmp_path):
+    script = ("import os, resource, signal, sys\n"
+              f"sys.path.insert(0, {HERE!r})\n"
+              "import checkpoint, records\n"
+              "out = sys.argv[1]\n"
+              "write = lambda size: lambda d: open(os.path.join(d, 'weights.bin'), 'wb').write(b'1' * size)\n"
+              "checkpoint.write_dir(os.path.join(out, 'ckpt'), write(1000))             # a good checkpoint\n"
+              "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)\n"
+              "resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, resource.RLIM_INFINITY))   # the disk is full\n"
+              "for name, save in (('checkpoint', lambda: checkpoint.write_dir(os.path.join(out, 'ckpt'), write(10**6))),\n"
+              "                   ('results', lambda: records.RunLog(out, True).results({'x': 'y' * 10**6}))):\n"
+              "    try:\n"
+              "        save()\n"
+              "    except OSError as err:\n"
+              "        print(name, err)\n")
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path)], capture_output=True, text=True, timeout=120)
+    lines = dict(line.split(" ", 1) for line in done.stdout.splitlines())
+    ckpt = str(tmp_path / "ckpt")
+    assert f"{ckpt}: the checkpoint could not be written" in lines["checkpoint"], done.stdout + done.stderr
+    assert f"the last complete one, {ckpt}, is kept" in lines["checkpoint"]
+    assert f"{tmp_path / 'results.json'} not written" in lines["results"]
+    assert sorted(os.listdir(tmp_path)) == ["ckpt"]                          # no ckpt.tmp, results.json(.tmp)
+    assert checkpoint.verify(ckpt) and os.path.getsize(os.path.join(ckpt, "weights.bin")) == 1000
+
+
+def test_max_bad_video_fraction_1_is_refused_and_an_all_bad_batch_stops_the_run(synth, sft_dir, tmp_path):
+    train_file = broken_train_file(synth, tmp_path, missing=16)
+    args = common(synth, sft_dir, str(tmp_path / "out")) + [f"--train_data={train_file}", "--batch_size=16"]
+    with pytest.raises(SystemExit, match="--max_bad_video_fraction must be below 1"):
+        run_train(*args, "--max_bad_video_fraction=1.0")
+    with pytest.raises(RuntimeError, match="16 of 16 videos failed to decode"), pytest.warns(UserWarning):
+        run_train(*args, "--max_bad_video_fraction=0.99")
+
+
+def test_a_process_whose_videos_all_fail_stops_every_process(synth, sft_dir, tmp_path, monkeypatch):
+    """Under torchrun one process's share of a batch can all fail while the batch as a whole stays under
+    max_bad_video_fraction: that process has nothing to run the step's forwards with, which FSDP needs of
+    every process, so all of them stop, naming the videos (simulated: another process's 12 good videos)."""
+    module = importlib.reload(train_step)
+    real_reduce = module.reduce_sum
+    monkeypatch.setattr(module, "reduce_sum", lambda values, device: (
+        [values[0], values[1] + 12, *values[2:]] if len(values) == 3 else real_reduce(values, device)))
+    policy = VideoLM.load(sft_dir)
+    policy.add_lora(4, 8)
+    policy.snapshot_reference()
+    samples = [dict(s, video=str(tmp_path / f"missing{i}.mp4")) for i, s in enumerate(load_jsonl(synth["train"])[:4])]
+    config = module.StepConfig.from_options({**vars(importlib.reload(train)), "max_bad_video_fraction": 0.5})
+    optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=1e-3)
+    with pytest.raises(RuntimeError, match=r"4 of 16 videos failed to decode .*all of one process's.*missing0.mp4"), \
+            pytest.warns(UserWarning, match="missing0.mp4"):
+        module.train_step(policy, optimizer, samples, None, config, 1e-3, torch.Generator().manual_seed(0))
+
+
+def test_bad_files_and_dirs_are_named_not_raw_tracebacks(synth, tmp_path):
+    import records
+    latin = tmp_path / "latin.py"
+    latin.write_bytes(b"learning_rate = 1e-3  # r\xe9glage\n")
+    deep = tmp_path / "deep.json"
+    deep.write_text("[" * 100_000 + "]" * 100_000)
+    for config, message in ((latin, "latin.py: cannot read the config file"), (deep, "deep.json: not valid JSON")):
+        with pytest.raises(SystemExit, match=message):
+            run_train(str(config))
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a directory")
+    with pytest.raises(SystemExit, match=f"--data_dir={blocker}/synth: cannot make the synthetic dataset there"):
+        run_train(f"--data_dir={blocker}/synth", f"--out_dir={tmp_path / 'out'}", *SMALL)
+    metrics = tmp_path / "metrics.jsonl"
+    metrics.write_bytes(b'{"step": 1}\n{"step": 2, "loss": "\xff\xfe"}\n')     # not UTF-8
+    with pytest.warns(UserWarning, match="metrics.jsonl:2: unreadable metrics line dropped"):
+        records.keep_metrics_until(str(metrics), 2)
+    assert metrics.read_text() == '{"step": 1}\n'
+
+
+def test_a_judge_key_that_cannot_be_sent_stops_the_run_at_start_without_showing_it(synth, sft_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("OPENAI_API_KEY", "sk-live-0123456789\nabcdef")          # a newline inside
+    out = tmp_path / "out"
+    with pytest.raises(SystemExit, match=r"--oracle=judge: the API key in \$OPENAI_API_KEY holds") as info:
+        run_train(*common(synth, sft_dir, str(out)), "--oracle=judge", "--judge_model=m", "--max_steps=1")
+    assert "0123456789" not in str(info.value) and sorted(os.listdir(out)) == ["train.lock"]   # before any work

@@ -25,16 +25,15 @@ from tqdm import tqdm
 import checkpoint
 from configurator import (barrier, check_values, configure, cosine_lr, option_keys, setup_distributed,
                           shutdown_distributed)
-from data import TEMPLATES, ClipCache, load_jsonl
+from data import TEMPLATES, ClipCache, DatasetError, load_jsonl
 from eval import evaluate
-from tables import format_comparison
 from grpo_rank import BOUNDS, DCG_KINDS, LOSS_TYPES, METHODS, SCALES
 from policies import POLICIES, load_policy, make_policy
 from oracle import ORACLE_NAMES, make_oracle
-from records import RunLog, check_writable
+from records import RunLog, lock_out_dir
 from sft import train_sft
 from synth import make_synthetic_dataset
-from train_step import StepConfig, shard, train_step
+from train_step import StepConfig, global_batch_indices, prompts_of_process, shard, train_step
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -125,6 +124,8 @@ reward_model = ""            # a local AutoModelForSequenceClassification dir
 COUNTERS = ("oracle_failures", "skipped_samples", "nonfinite_groups", "nonfinite_steps")
 RUNTIME_OPTIONS = ("dtype", "load_in_4bit", "gradient_checkpointing", "num_frames")   # a checkpoint runs with these
 MODEL_OPTIONS = ("vision", "lm", "lora_r", "lora_alpha", "lora_dropout", "lora_target_modules")   # it is made of these
+SEEING_OPTIONS = ("tokenizer", "template", "project_first", "image_pad", "vision_post_layernorm")  # it sees, reads so
+HUB_OPTIONS = ("vision", "lm", "tokenizer")   # a hub id given as one of these may be downloaded; nothing else is
 
 
 CHOICES = {"policy": POLICIES, "advantage": METHODS, "dcg_kind": DCG_KINDS, "bound": BOUNDS, "scale_rewards": SCALES,
@@ -149,6 +150,9 @@ RANGES = {"save_every": (1, None), "eval_every": (0, None), "eval_size": (0, Non
 def check_options():
     """Every option's value, at start (before any data or model work), the message naming the option."""
     check_values(globals(), CHOICES, RANGES)
+    if max_bad_video_fraction >= 1:
+        raise SystemExit(f"--max_bad_video_fraction must be below 1, got {max_bad_video_fraction}: at 1 a batch whose "
+                         "videos all fail would go on with nothing to train on; below 1 it stops the run, naming them")
     if loss_agg:   # the earlier option name, kept as an alias
         globals()["loss_type"] = {"sequence": "grpo", "token": "bnpo"}[loss_agg]
     if temperature == 0:
@@ -156,26 +160,47 @@ def check_options():
                       "them, and every advantage is zero (nothing to learn). Use a temperature > 0 for training.")
 
 
+def as_model(key, value, vision_name):
+    """An option's value as a model config holds it: --vision_post_layernorm "auto" is on for the tiny tower (it
+    needs it), off for pretrained ones (LLaVA), "true" / "false" a bool; the others as they are."""
+    if key != "vision_post_layernorm":
+        return value
+    return vision_name == "tiny" if value == "auto" else value == "true"
+
+
+def as_option(key, value):
+    """A model config's value as train.py's option of that name spells it."""
+    return ("true" if value else "false") if key == "vision_post_layernorm" else value
+
+
 def resume_from(ckpt_dir, given):
-    """--resume=True: the checkpoint to continue from (None: start fresh). The checkpoint's model is what
-    trains on: its LoRA and parts options are taken (and so recorded in results.json) where none were
-    given; a different value given explicitly is an error."""
-    found = checkpoint.latest(ckpt_dir)
+    """--resume=True: the checkpoint to continue from, verified (None: there is none; one that does not verify is
+    an error, never a fresh start over it). Its model is what trains on: its LoRA, parts, template, frame and
+    tokenizer options are taken (so recorded in results.json); a different value given explicitly is an error."""
+    found = checkpoint.resumable(ckpt_dir)
     if not found:
-        if os.path.exists(os.path.join(ckpt_dir, "train_state.pt")):
-            raise SystemExit(f"{ckpt_dir} is an older checkpoint with a pickled train_state.pt, which is never loaded "
-                             "(unpickling can run code): start a new run, or resume with the version that wrote it")
         print(f"resume: no checkpoint in {ckpt_dir}, starting fresh")
         return None
-    with open(os.path.join(found, "model", "config.json")) as f:
-        saved = json.load(f)["model"]
-    conflicts = [f"--{key}={globals()[key]!r} (the checkpoint has {saved[key]!r})" for key in MODEL_OPTIONS
-                 if key in given and key in saved and globals()[key] != saved[key]]
+    saved = checkpoint.model_config_of(found, MODEL_OPTIONS + SEEING_OPTIONS)   # those its policy has
+    conflicts = [f"--{key}={globals()[key]!r} (the checkpoint has {as_option(key, value)!r})"
+                 for key, value in saved.items()
+                 if key in given and as_model(key, globals()[key], saved.get("vision", "")) != value]
     if conflicts:
         raise SystemExit(f"resume: {found} was trained with other model options: {', '.join(conflicts)}. Drop "
                          "them to continue that run, or start a new one with another --out_dir.")
-    globals().update({key: saved[key] for key in MODEL_OPTIONS if key in saved})   # (a Qwen policy has no vision, lm)
+    globals().update({key: as_option(key, value) for key, value in saved.items()})
     return found
+
+
+def record_model_options(config, policy, given):
+    """results.json's config says how the model that trains sees and reads: a loaded checkpoint keeps its own
+    template, frames and tokenizer whatever the options say; an explicit option it does not follow is warned of."""
+    for key in (key for key in SEEING_OPTIONS if hasattr(policy.config, key)):   # (a Qwen policy has its own)
+        used = getattr(policy.config, key)
+        if key in given and as_model(key, config[key], getattr(policy.config, "vision", "")) != used:
+            warnings.warn(f"--{key}={config[key]!r} is not used: the loaded model has {as_option(key, used)!r} "
+                          "(a checkpoint keeps its own); results.json records that")
+        config[key] = as_option(key, used)
 
 
 def runtime_overrides(given):
@@ -185,12 +210,16 @@ def runtime_overrides(given):
 
 
 def build_oracle():
-    if oracle == "judge":
-        return make_oracle("judge", base_url=judge_base_url, model=judge_model, api_key_env=judge_api_key_env, seed=seed,
-                           timeout=judge_timeout, max_seconds=judge_max_seconds, max_retries=judge_max_retries)
-    if oracle == "reward_model":
-        return make_oracle("reward_model", path=reward_model)
-    return make_oracle(oracle)
+    """The Oracle, built at start: a judge API key that cannot be sent or a missing reward model stops the
+    run before any work, the message naming the option."""
+    try:
+        if oracle == "judge":
+            return make_oracle("judge", base_url=judge_base_url, model=judge_model, api_key_env=judge_api_key_env,
+                               seed=seed, timeout=judge_timeout, max_seconds=judge_max_seconds,
+                               max_retries=judge_max_retries)
+        return make_oracle("reward_model", path=reward_model) if oracle == "reward_model" else make_oracle(oracle)
+    except (ValueError, OSError) as err:
+        raise SystemExit(f"--oracle={oracle}: {err}") from None
 
 
 def load_datasets(master):
@@ -198,10 +227,13 @@ def load_datasets(master):
     the first process."""
     paths = {"train": train_data, "eval": eval_data}
     if not train_data:
-        if master:
-            make_synthetic_dataset(data_dir, num_train=num_train, num_eval=num_eval)
-        barrier()
-        paths = make_synthetic_dataset(data_dir, num_train=num_train, num_eval=num_eval)
+        try:
+            if master:
+                make_synthetic_dataset(data_dir, num_train=num_train, num_eval=num_eval)
+            barrier()
+            paths = make_synthetic_dataset(data_dir, num_train=num_train, num_eval=num_eval)
+        except OSError as err:
+            raise SystemExit(f"--data_dir={data_dir}: cannot make the synthetic dataset there ({err})") from None
     eval_samples = load_jsonl(paths["eval"])[:eval_size] if paths.get("eval") else []
     return load_jsonl(paths["train"]), eval_samples
 
@@ -211,7 +243,7 @@ def build_policy():
     if policy != "videolm":
         return make_policy(policy, num_frames=num_frames, dtype=dtype, load_in_4bit=load_in_4bit,
                            gradient_checkpointing=gradient_checkpointing, seed=seed)
-    layernorm = vision == "tiny" if vision_post_layernorm == "auto" else vision_post_layernorm == "true"
+    layernorm = as_model("vision_post_layernorm", vision_post_layernorm, vision)
     return make_policy("videolm", vision=vision, lm=lm, tokenizer=tokenizer, num_frames=num_frames, dtype=dtype,
                        load_in_4bit=load_in_4bit, gradient_checkpointing=gradient_checkpointing,
                        lora_r=0 if lm == "tiny" else lora_r, lora_alpha=lora_alpha,
@@ -251,21 +283,6 @@ def start_policy(master, train_samples, device, overrides, found):
         model.add_lora(lora_r, lora_alpha, lora_dropout, lora_target_modules)
     model.snapshot_reference()
     return model, None
-
-
-# ----------------------------------------------------------------------------- which prompts, when
-
-def global_batch_indices(num_samples, epoch, step_in_epoch, global_batch, seed):
-    """The prompts of one step across all processes: a slice of the epoch's permutation, which
-    depends only on (seed, epoch), so a resumed run continues with the same data. -> (global_batch,)"""
-    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch))
-    return order[step_in_epoch * global_batch:(step_in_epoch + 1) * global_batch]
-
-
-def prompts_of_process(batch_index, rank, world):
-    """This process's prompts: whole prompts, never parts of a group. Each process samples all G
-    responses of its prompts itself, so the Oracle always ranks complete groups. -> list of ints"""
-    return batch_index[rank::world].tolist()
 
 
 # ----------------------------------------------------------------------------- the loop's bookkeeping
@@ -308,25 +325,27 @@ def stop_if_failing(bad_in_a_row, step, ckpt_dir):
                         f"No checkpoint was written yet; the run started from {origin}"))
 
 
-def finish(log, before, after, config, timings, counters):
-    """results.json, the before/after table; -> the results."""
-    results = {"before": before, "after": after, "config": config, "seconds": timings, "counters": counters}
-    log.results(results)
-    if log.master:
-        if before and after:
-            print(format_comparison(before, after, names=("before (SFT)", f"after ({advantage})")))
-        print(f"wrote {out_dir}/results.json; {counters}; {timings['total']:.0f} s in all")
-    return results
-
-
 # ----------------------------------------------------------------------------- main
 
 def main(argv):
+    """Options, checked; then out_dir is locked (by the first process: a second train.py on it stops at once)
+    for as long as the run lives."""
     given = configure(argv, globals())
     check_options()
+    lock = lock_out_dir(out_dir) if int(os.environ.get("RANK", "0")) == 0 else None
+    try:
+        return run(given)
+    finally:
+        if lock is not None:
+            lock.close()
+
+
+def run(given):
     ckpt_dir = os.path.join(out_dir, "ckpt")
     found = resume_from(ckpt_dir, given) if resume else None
-    overrides = {**runtime_overrides(given), "share_prefix": share_prefix}
+    ranker = build_oracle()
+    hub_ids = {globals()[key] for key in HUB_OPTIONS if key in given}   # only these may be downloaded
+    overrides = {**runtime_overrides(given), "share_prefix": share_prefix, "hub_ids": hub_ids}
     config = {k: globals()[k] for k in option_keys(globals())}
     rank, world, device = setup_distributed()
     master = rank == 0
@@ -334,7 +353,6 @@ def main(argv):
     torch.manual_seed(seed)
     timings, start = {}, time.time()
     if master:
-        check_writable(out_dir)
         print("config: " + json.dumps(config))
     log = RunLog(out_dir, master, report_to)
 
@@ -342,13 +360,14 @@ def main(argv):
     steps_per_epoch, total_steps = schedule(len(train_samples), world, master)
     timings["data"], tick = time.time() - start, time.time()
     policy, state = start_policy(master, train_samples, device, overrides, found)   # pi_theta <- pi_SFT
+    record_model_options(config, policy, given)
     timings["sft"] = time.time() - tick
     policy.disable_dropout()
     policy.to(device)
     if world > 1:
         shard(policy)
     optimizer = torch.optim.AdamW(policy.trainable_parameters(), lr=learning_rate, weight_decay=weight_decay)
-    ranker, step_config = build_oracle(), StepConfig.from_options(globals())
+    step_config = StepConfig.from_options(globals())
     generator = torch.Generator(device=device).manual_seed(seed + 1000 * rank)
     step, counters, before = 0, dict.fromkeys(COUNTERS, 0), None
     if state:
@@ -402,11 +421,14 @@ def main(argv):
         after = held_out(master)
         timings["eval_after"], timings["total"] = time.time() - tick, time.time() - start
         log.evaluation(after, step, record=False)
-        results = finish(log, before, after, config, timings, counters)
+        results = log.finish(before, after, config, timings, counters, names=("before (SFT)", f"after ({advantage})"))
     log.close()
     shutdown_distributed()
     return results
 
 
 if __name__ == "__main__":
-    main(sys.argv[1:])
+    try:
+        main(sys.argv[1:])
+    except (checkpoint.CheckpointError, checkpoint.CheckpointWriteError, DatasetError) as err:
+        sys.exit(f"train.py: {err}")     # a bad or unwritable file: its name and what is wrong, no traceback

@@ -108,6 +108,19 @@ def group_ndcg(policy_rank, oracle_rank, dcg_kind="eq10"):
     return (gain * dcg(policy_rank, dcg_kind)).sum(-1) / (gain * gain).sum(-1)
 
 
+def global_batch_indices(num_samples, epoch, step_in_epoch, global_batch, seed):
+    """The prompts of one step across all processes: a slice of the epoch's permutation, which
+    depends only on (seed, epoch), so a resumed run continues with the same data. -> (global_batch,)"""
+    order = torch.randperm(num_samples, generator=torch.Generator().manual_seed(seed + epoch))
+    return order[step_in_epoch * global_batch:(step_in_epoch + 1) * global_batch]
+
+
+def prompts_of_process(batch_index, rank, world):
+    """This process's prompts: whole prompts, never parts of a group. Each process samples all G
+    responses of its prompts itself, so the Oracle always ranks complete groups. -> list of ints"""
+    return batch_index[rank::world].tolist()
+
+
 def shard(policy):
     """FSDP2: every decoder layer is a sharded group, and the whole policy is the root group (vision
     tower, embeddings, projectors, LM head). The policy is used through encode_video, generate and
@@ -211,10 +224,13 @@ def train_step(policy, optimizer, samples, oracle, config, lr, generator, step=0
     device, group_size = policy.device, config.num_generations
     with phase("data"):                                                        # line 5
         frames, samples, failed = load_frames(samples, policy, clips)
-        failed_total, seen_total = reduce_sum([len(failed), len(failed) + len(samples)], device)
-        if failed_total > config.max_bad_video_fraction * seen_total:
-            raise RuntimeError(f"step {step}: {int(failed_total)} of {int(seen_total)} videos failed to decode "
-                               f"(more than {config.max_bad_video_fraction:.0%}), e.g. {[s['video'] for s in failed[:3]]}")
+        # every process takes part in every forward (FSDP): one left without a readable video stops them all
+        failed_total, seen_total, empty = reduce_sum([len(failed), len(failed) + len(samples), float(not samples)],
+                                                     device)
+        if failed_total > config.max_bad_video_fraction * seen_total or empty:
+            raise RuntimeError(f"step {step}: {int(failed_total)} of {int(seen_total)} videos failed to decode (more "
+                               f"than {config.max_bad_video_fraction:.0%}, or all of one process's), e.g. "
+                               f"{[s['video'] for s in failed[:3]]}")
     with phase("rollout"):                                                     # lines 6 and 8
         batch = rollout(policy, samples, frames, group_size, config.max_new_tokens,   # encode_video moves frames
                         config.mask_truncated_completions, generator, all_finished, temperature=config.temperature,
