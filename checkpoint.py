@@ -282,3 +282,18 @@ def restore_training(policy, optimizer, generator, state, seed, rank, world):
     else:
         generator.manual_seed(seed + 1000 * rank + state["step"])
     return state["step"], state["counters"], state["before"]
+
+
+def load_weights(model, weights_path):
+    """A policy checkpoint's weights file into `model` (strict=False: the parts rebuilt from their own path are
+    not in it), checked first: every tensor finite, and exactly the tensors `model._saved(name)` says the
+    checkpoint holds, at the model's shapes; otherwise a ValueError naming the file and the first differences."""
+    state, own = load_tensors(weights_path, finite=True), model.state_dict()
+    missing = [name for name in own if model._saved(name) and name not in state]
+    unexpected = [name for name in state if name not in own]
+    mismatched = [f"{name} {tuple(state[name].shape)} vs {tuple(own[name].shape)}"
+                  for name in state if name in own and state[name].shape != own[name].shape]
+    if missing or unexpected or mismatched:
+        raise ValueError(f"{weights_path}: checkpoint does not fit the model: missing {missing[:5]}, "
+                         f"unexpected {unexpected[:5]}, shape (saved vs model) {mismatched[:5]}")
+    model.load_state_dict(state, strict=False)

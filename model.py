@@ -411,15 +411,7 @@ class VideoLM(nn.Module):
         model.config.tokenizer = meta["model"]["tokenizer"]
         if meta.get("reference"):
             model.snapshot_reference()
-        state, own = checkpoint.load_tensors(os.path.join(path, WEIGHTS), finite=True), model.state_dict()
-        missing = [name for name in own if model._saved(name) and name not in state]
-        unexpected = [name for name in state if name not in own]
-        mismatched = [f"{name} {tuple(state[name].shape)} vs {tuple(own[name].shape)}"
-                      for name in state if name in own and state[name].shape != own[name].shape]
-        if missing or unexpected or mismatched:
-            raise ValueError(f"{path}: checkpoint does not fit the model: missing {missing[:5]}, "
-                             f"unexpected {unexpected[:5]}, shape (saved vs model) {mismatched[:5]}")
-        model.load_state_dict(state, strict=False)
+        checkpoint.load_weights(model, os.path.join(path, WEIGHTS))
         return model
 
 

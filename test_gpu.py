@@ -15,27 +15,12 @@ pytestmark = pytest.mark.skipif(not torch.cuda.is_available(),
 
 import bench_gpu
 from model import ModelConfig, VideoLM
-from synth import word_tokenizer
+from test_paper_setting import parts, synth   # noqa: F401  (the same tiny "pretrained" parts and data, as fixtures)
 
 CUDA = torch.device("cuda")
 RL_ARGS = ["--sft_steps=2", "--sft_batch_size=4", "--max_steps=1", "--batch_size=2", "--num_generations=2",
            "--max_new_tokens=4", "--eval_size=4", "--eval_batch_size=4", "--save_every=100", "--lora_r=8",
            "--num_threads=1", "--dtype=bfloat16"]
-
-
-@pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    """(vision_dir, lm_dir): tiny CLIP + tiny LLaMA whose tokenizer covers the synthetic task's words."""
-    from synth import synthetic_vocab
-    root = str(tmp_path_factory.mktemp("parts"))
-    return bench_gpu.save_random_parts(root, bench_gpu.TINY_VISION, bench_gpu.TINY_LM,
-                                       word_tokenizer(synthetic_vocab()), "float32", "cpu")
-
-
-@pytest.fixture(scope="module")
-def synth(tmp_path_factory):
-    from synth import make_synthetic_dataset
-    return make_synthetic_dataset(str(tmp_path_factory.mktemp("synth")), num_train=16, num_eval=4)
 
 
 def frames_on_cuda(batch=2, num_frames=4):
@@ -117,8 +102,8 @@ def test_converted_checkpoint_runs_on_cuda(tmp_path):
     from eval import evaluate                                 # and evaluated, as eval.py --checkpoint does
     from synth import make_synthetic_dataset
     from data import load_jsonl
-    synth = make_synthetic_dataset(str(tmp_path / "synth"), num_train=4, num_eval=6)
-    results = evaluate(policy, load_jsonl(synth["eval"]), task="exact", batch_size=3, progress=False)
+    made = make_synthetic_dataset(str(tmp_path / "synth"), num_train=4, num_eval=6)
+    results = evaluate(policy, load_jsonl(made["eval"]), task="exact", batch_size=3, progress=False)
     assert results["n"] == 6 and 0.0 <= results["accuracy"] <= 1.0
 
 
