@@ -37,6 +37,8 @@ MAX_PARSE_CHARS = 100_000   # reply parsing looks at this much of a reply (judge
 MAX_PARSE_ATTEMPTS = 100    # ... and tries at most this many {...} in it
 MAX_LITERAL_CHARS = 20_000  # ... and reads at most this many with the slow Python-literal fallback, in all
 KEY_FRAGMENT = 6            # any run of this many characters of the API key is scrubbed from a message
+SHORTEST_SECRET = 8         # a shorter key ("1", "EMPTY": a local server's placeholder) is not scrubbed: its few
+                            # characters would be cut out of every reply (a score of 4 under the key "4")
 # how a server or an exception may spell a character: JSON \uXXXX, Python \xXX, URL %XX
 ESCAPED_CHAR = re.compile(r"\\u([0-9a-fA-F]{4})|\\x([0-9a-fA-F]{2})|%([0-9a-fA-F]{2})")
 RETRY_STATUS = {408, 409, 429}   # plus every 5xx; other 4xx (auth, bad request) fail at once
@@ -199,11 +201,17 @@ def _unescaped(text):
 def _scrub(text, secret):
     """The text without the secret, however a server or an exception shows it: whole, masked or cut (every
     run of KEY_FRAGMENT or more of its characters, and a piece of its start cut off at the end of the text),
-    plain or spelled with \\u, \\x or % escapes; each such run becomes "***". Linear in the text (one
-    str.find pass per fragment of the key). Call it on whole texts, before any is shortened for a message."""
-    if not secret or not text:
+    plain or spelled with \\u, \\x or % escapes (a key that itself holds "%41" is found as written, too);
+    each such run becomes "***". Linear in the text (one str.find pass per fragment of the key). Call it on
+    whole texts, before any is shortened for a message. A key under SHORTEST_SECRET characters is left."""
+    if not secret or not text or len(secret) < SHORTEST_SECRET:
         return text
-    decoded, pieces = _unescaped(text)
+    return _scrub_runs(_scrub_runs(text, secret, decode=False), secret, decode=True)
+
+
+def _scrub_runs(text, secret, decode):
+    """_scrub's work on the text as written (decode=False) or with its escapes decoded (decode=True)."""
+    decoded, pieces = _unescaped(text) if decode else (text, [(0, 0, len(text), len(text))])
     size, runs = min(KEY_FRAGMENT, len(secret)), []
     for fragment in {secret[i:i + size] for i in range(len(secret) - size + 1)}:
         at = decoded.find(fragment)

@@ -27,9 +27,9 @@ sft.py use nothing else):
     save(path) / load(path, **overrides) (checkpoint.write_dir: safetensors + JSON + sha256 manifest),
     lm and ref_lm (train_step.shard shards their decoder layers).
 """
-import json
 import os
 
+import checkpoint
 from model import CONFIG, ModelConfig, VideoLM
 from qwen_parts import FAMILIES, TINY
 from qwen_vl import QwenVLConfig, QwenVLPolicy
@@ -54,8 +54,10 @@ def load_policy(path, hub_ids=(), **overrides):
     config_path = os.path.join(path, CONFIG)
     if not os.path.exists(config_path):
         raise FileNotFoundError(f"{path}: neither a policy checkpoint nor a transformers model directory (no {CONFIG})")
-    with open(config_path) as f:
-        meta = json.load(f)
+    checkpoint.verify(path)                   # a checkpoint's checksums first (a model directory has none)
+    meta = checkpoint.read_json(config_path)
+    if not isinstance(meta, dict):
+        raise checkpoint.CheckpointError(f"{config_path}: not a model config (expected a JSON object)")
     if "model_type" in meta:                   # a transformers model directory
         if meta["model_type"] not in FAMILIES:
             raise ValueError(f"{config_path}: model_type {meta['model_type']!r} is not a supported policy; "

@@ -113,7 +113,11 @@ def build_parts(config):
     if config.base == TINY:
         if config.load_in_4bit:
             raise ValueError("load_in_4bit=True needs a pretrained model directory as base, not the tiny one")
-        tokenizer = AutoTokenizer.from_pretrained(config.tokenizer) if config.tokenizer else tiny_tokenizer()
+        if config.tokenizer and not os.path.isdir(config.tokenizer):    # nothing is downloaded, ever
+            raise ValueError(f"tokenizer={config.tokenizer!r} is not a local directory (a Qwen policy loads nothing "
+                             "from a hub: give a local copy's path)")
+        tokenizer = (AutoTokenizer.from_pretrained(config.tokenizer, local_files_only=True) if config.tokenizer
+                     else tiny_tokenizer())
         model, path = tiny_model(tokenizer), None
     else:
         path = config.base

@@ -29,7 +29,7 @@ from data import question_text
 from model import CONFIG, TOKENIZER, WEIGHTS, pad
 from qwen_parts import (DEFAULT_FPS, FAMILIES, TINY, build_parts, fit_clip, pack_features, prompt_positions,
                         seconds_per_grid, unpack_features, video_patches)
-from rollout import sample_token
+from rollout import sample_token, shared_prefix_logits
 
 
 @dataclass
@@ -191,7 +191,7 @@ class QwenVLPolicy(nn.Module):
 
     @torch.no_grad()
     def encode_video(self, frames, seconds=None):
-        """A batch of clips -> packed vision features (qwen_inputs.pack_features): (B, 1 + N_max, C) float32.
+        """A batch of clips -> packed vision features (qwen_parts.pack_features): (B, 1 + N_max, C) float32.
         frames: uint8 (B, T, H, W, 3), or a list of B clips (T, H_b, W_b, 3) of different sizes; clips not at
         the model's size are fitted first. seconds: B clip durations (None: unknown, config.fps is assumed).
         The vision tower runs once on all B clips; the merger is applied later (the reference may own one)."""
@@ -284,14 +284,9 @@ class QwenVLPolicy(nn.Module):
             length = completion_ids.shape[1]
             completion_positions = (following.repeat_interleave(group_size)[:, None]
                                     + torch.arange(length, device=mask.device)).expand(3, -1, -1)
-            if self.config.share_prefix and group_size > 1 and not self.config.gradient_checkpointing:
-                cache, first = prefill(lm, embeds, mask, positions, group_size)   # first predicts token 0
-                if length == 1:
-                    return first
-                full_mask = torch.cat([mask.repeat_interleave(group_size, 0), completion_mask.to(mask.dtype)], 1)
-                rest = lm(input_ids=completion_ids[:, :-1], attention_mask=full_mask[:, :-1],
-                          position_ids=completion_positions[..., :-1], cache=cache, use_cache=True)
-                return torch.cat([first, rest.logits], 1)
+            if self.config.share_prefix and group_size > 1:   # the prefix once per prompt (rollout.py)
+                return shared_prefix_logits(lm, embeds, mask, completion_ids, completion_mask, group_size,
+                                            positions, completion_positions)
             embeds = torch.cat([embeds.repeat_interleave(group_size, 0), lm.get_input_embeddings()(completion_ids)], 1)
             mask = torch.cat([mask.repeat_interleave(group_size, 0), completion_mask.to(mask.dtype)], 1)
             positions = torch.cat([positions.repeat_interleave(group_size, 1), completion_positions], 2)
@@ -357,9 +352,11 @@ class QwenVLPolicy(nn.Module):
         """Rebuild from `save`'s directory; overrides change config fields (e.g. dtype). Refuses, naming the
         file, a checkpoint whose checksums do not match, whose weights are not finite or do not fit."""
         checkpoint.verify(path)
-        with open(os.path.join(path, CONFIG)) as f:
-            meta = json.load(f)
-        config = QwenVLConfig.from_dict({**meta["model"], **overrides})
+        meta = checkpoint.read_json(os.path.join(path, CONFIG))
+        try:
+            config = QwenVLConfig.from_dict({**meta["model"], **overrides})
+        except (ValueError, KeyError, TypeError) as err:
+            raise checkpoint.CheckpointError(f"{os.path.join(path, CONFIG)}: not a model config ({err})") from None
         if config.base == TINY and not config.tokenizer:
             config.tokenizer = os.path.join(path, TOKENIZER)
         model = cls(config)

@@ -145,23 +145,28 @@ def checkpointed_with_cache(lm):
             del layer._can_checkpoint_with_cache
 
 
-def shared_prefix_logits(lm, embeds, mask, completion_ids, completion_mask, group_size):
+def shared_prefix_logits(lm, embeds, mask, completion_ids, completion_mask, group_size, prefix_positions=None,
+                         completion_positions=None):
     """Logits predicting each completion token, the prefix run once per prompt: the prefill records its keys
     and values, the G completions of each prompt attend to them repeated (gradients flow through the repeat),
     with or without gradient checkpointing. The same numbers as the full pass of each row.
-    embeds: (B, P', D) and mask: (B, P') of the [visual, prompt] prefix; completion_*: (B*G, L)
-    -> (B*G, L, vocab)."""
+    embeds: (B, P', D) and mask: (B, P') of the [visual, prompt] prefix; completion_*: (B*G, L) -> (B*G, L, vocab).
+    prefix_positions (B, P') and completion_positions (B*G, L), or (3, ...) for M-RoPE: the default counts the
+    unpadded tokens (`positions`); a policy with positions of its own (Qwen2.5-VL) passes them."""
     with checkpointed_with_cache(lm):
         recorded = Cache(layer_class_to_replicate=RecordOnceLayer)
-        first = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), logits_to_keep=1,
-                   cache=recorded, use_cache=False).logits.repeat_interleave(group_size, 0)   # predicts token 0
+        first = lm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1, cache=recorded, use_cache=False,
+                   position_ids=positions(mask) if prefix_positions is None else prefix_positions
+                   ).logits.repeat_interleave(group_size, 0)                                    # predicts token 0
         if completion_ids.shape[1] == 1:
             return first
         cache = Cache(layers=[PrefixLayer(layer.keys.repeat_interleave(group_size, 0),
                                           layer.values.repeat_interleave(group_size, 0)) for layer in recorded.layers])
         full_mask = torch.cat([mask.repeat_interleave(group_size, 0), completion_mask.to(mask.dtype)], 1)
-        rest = lm(input_ids=completion_ids[:, :-1], attention_mask=full_mask[:, :-1],
-                  position_ids=positions(full_mask)[:, mask.shape[1]:-1], cache=cache, use_cache=False)
+        rest_positions = (positions(full_mask)[:, mask.shape[1]:-1] if completion_positions is None
+                          else completion_positions[..., :-1])
+        rest = lm(input_ids=completion_ids[:, :-1], attention_mask=full_mask[:, :-1], position_ids=rest_positions,
+                  cache=cache, use_cache=False)
     return torch.cat([first, rest.logits], 1)
 
 

@@ -698,3 +698,13 @@ def test_a_crafted_reply_parses_in_linear_time_and_inside_the_deadline(judge_ser
     with pytest.raises(OracleError, match="invalid reply|max_seconds=1.0"):   # the last attempt may be cut off
         oracle.rank(open_sample("x"), ["a", "b"])
     assert time.monotonic() - start < 2.0                              # max_seconds=1.0 (31 s before)
+
+
+def test_a_key_holding_an_escape_is_scrubbed_as_written_and_a_placeholder_key_is_left():
+    # "%41" inside a key decodes to "A" in the escape-aware pass: the key as written is found too
+    assert judge._scrub("token=abc%41defghijklm ok", "abc%41defghijklm") == "token=*** ok"
+    # a local server's placeholder key ("4", "EMPTY") is no secret, and scrubbing it would cut every 4 out of
+    # a verdict: the reply reaches the parser whole
+    reply = json.dumps({"pred": "yes", "score": 4})
+    assert judge._scrub(reply, "4") == reply and judge._scrub(reply, "EMPTY") == reply
+    assert judge._scrub("a b sk-0123456789 c", "sk-0123456789") == "a b *** c"

@@ -104,7 +104,40 @@ def test_scoring_logits_equal_the_transformers_forward(tiny, share_prefix):
         for b, row in enumerate(rows):
             expected = theirs[b, width - len(row) - 1:width - 1]
             assert torch.allclose(ours[b * G + g, :len(row)], expected, atol=1e-5, rtol=0), (b, g)
-    assert tiny.encode_calls >= 1
+
+
+def test_the_shared_prefix_holds_under_gradient_checkpointing(monkeypatch):
+    """With gradient checkpointing (config/paper_7b.py's setting) the shared prefix still runs once per prompt:
+    the same logits and LoRA gradients as the full pass, the prefix's keys read again in the backward's replay."""
+    import rollout as rollout_module
+    torch.manual_seed(0)
+    policy = vary(QwenVLPolicy(QwenVLConfig(gradient_checkpointing=True))).train()
+    policy.add_lora(4, 8)
+    with torch.no_grad():
+        for name, param in policy.lm.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.05)
+    clips, G = clips_of_three_sizes(), 2
+    features = policy.encode_video(clips, seconds=SECONDS)
+    prompt_ids, prompt_mask = policy.encode_prompts(SAMPLES)
+    completion_ids, completion_mask = policy.encode_answers([a for a in ANSWERS for _ in range(G)])
+    reads, real_update = [], rollout_module.PrefixLayer.update
+    monkeypatch.setattr(rollout_module.PrefixLayer, "update", lambda *a, **k: reads.append(1) or real_update(*a, **k))
+    results = {}
+    for share in (False, True):
+        policy.config.share_prefix = share
+        policy.zero_grad()
+        logits = policy.completion_logits(features, prompt_ids, prompt_mask, completion_ids, completion_mask, G)
+        (logits.log_softmax(-1).gather(-1, completion_ids.unsqueeze(-1)).squeeze(-1) * completion_mask).sum().backward()
+        grads = [p.grad.clone() for n, p in policy.named_parameters() if "lora_" in n and p.grad is not None]
+        results[share] = (logits.detach(), grads)
+    layers = policy.qwen.config.get_text_config().num_hidden_layers
+    assert len(reads) == 2 * layers                                    # the forward, then the replay
+    kept = completion_mask.bool()
+    assert torch.allclose(results[True][0][kept], results[False][0][kept], atol=1e-5)
+    assert results[True][1] and len(results[True][1]) == len(results[False][1])
+    for shared, full in zip(*(results[share][1] for share in (True, False))):
+        assert (shared - full).norm() <= 1e-4 * full.norm()
 
 
 # ----------------------------------------------------------------------------- b. greedy equals transformers' generate
@@ -485,3 +518,38 @@ def test_a_transformers_directory_trains_with_sft_checkpoint_and_evaluates_with_
     importlib.reload(eval_py).main([f"--checkpoint={hf_dir}", f"--data={paths['eval']}", "--limit=8", "--quiet=True",
                                     f"--out={results_path}", f"--predictions={tmp_path / 'predictions.jsonl'}"])
     assert json.load(open(results_path))["n"] == 8
+
+
+def test_a_bad_checkpoint_config_is_named_and_loading_never_reaches_a_hub(tiny, tmp_path):
+    """load_policy (train.py --sft_checkpoint, eval.py --checkpoint) names a corrupted config.json; a Qwen
+    checkpoint whose tokenizer is a hub id is refused, never downloaded."""
+    from checkpoint import CheckpointError
+    path = str(tmp_path / "ckpt")
+    tiny.save(path)
+    config_path = os.path.join(path, "config.json")
+    original = open(config_path).read()
+    for written in ('', '[1]'):
+        with open(config_path, "w") as f:
+            f.write(written)
+        os.remove(os.path.join(path, "manifest.json"))                   # past the checksums, to the config itself
+        with pytest.raises(CheckpointError, match="config.json"):
+            load_policy(path)
+        tiny.save(path)
+    meta = json.loads(original)
+    meta["model"]["tokenizer"] = "someorg/some-tokenizer"
+    with open(config_path, "w") as f:
+        json.dump(meta, f)
+    os.remove(os.path.join(path, "manifest.json"))
+    with pytest.raises(ValueError, match="'someorg/some-tokenizer' is not a local directory"):
+        load_policy(path)
+
+
+def test_a_pretrained_qwen_base_without_lora_is_refused_before_any_copy(tiny, tmp_path):
+    import train
+    hf_dir = str(tmp_path / "hf")
+    tiny.save_pretrained(hf_dir)
+    made = make_synthetic_dataset(str(tmp_path / "synth"), num_train=8, num_eval=2)
+    with pytest.raises(SystemExit, match="--lora_r=0: the policy has nothing to train"):
+        importlib.reload(train).main([f"--sft_checkpoint={hf_dir}", f"--train_data={made['train']}",
+                                      f"--eval_data={made['eval']}", f"--out_dir={tmp_path / 'out'}", "--lora_r=0",
+                                      "--batch_size=2", "--num_threads=1"])

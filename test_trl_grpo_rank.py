@@ -189,6 +189,8 @@ def test_identical_completions_share_l_i_and_rankings_are_checked():
     tied = tie_identical(seq_logp, [[5, 6], [7], [5, 6], [5]])
     assert tied.tolist() == [[-1.0, -2.0, -1.0, -3.0]]
     assert as_ranking(torch.tensor([0, 1, 1, 3]), 4) == [0, 1, 1, 3]
+    import numpy as np
+    assert as_ranking(list(np.argsort([3.0, 1.0, 2.0, 0.0])), 4) == [3, 1, 2, 0]   # numpy ints, as argsort gives
     for bad in ([0, 1, 2], [0, 1, 2, 4], [0.0, 1, 2, 3], [True, 0, 1, 2], "0123", None):
         assert as_ranking(bad, 4) is None, bad
 

@@ -281,6 +281,9 @@ def start_policy(master, train_samples, device, overrides, found):
     model = warm_start(master, train_samples, device, overrides)
     if lora_r > 0 and not model.has_lora:
         model.add_lora(lora_r, lora_alpha, lora_dropout, lora_target_modules)
+    if not model.trainable_parameters():      # before the reference snapshot copies a whole pretrained LM
+        raise SystemExit(f"--lora_r={lora_r}: the policy has nothing to train (a pretrained LM trains only through "
+                         "LoRA): give --lora_r > 0")
     model.snapshot_reference()
     return model, None
 

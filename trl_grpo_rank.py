@@ -15,6 +15,7 @@ batch, may straddle two processes. So _calculate_rewards gathers all completions
 one process (a judge need not answer twice alike), sharing the ranks; _generate_and_score_completions swaps TRL's
 advantages for rank_advantages on them and the gathered l_i, and keeps this process's slice as TRL does.
 """
+import operator
 import warnings
 
 import torch
@@ -41,10 +42,13 @@ def response_text(completion):
 def as_ranking(reply, group_size):
     """An Oracle's reply as a list of G int ranks in [0, G), or None when it is not one."""
     reply = reply.tolist() if hasattr(reply, "tolist") else reply      # a tensor or a numpy array
-    if isinstance(reply, (list, tuple)) and len(reply) == group_size and all(
-            isinstance(r, int) and not isinstance(r, bool) and 0 <= r < group_size for r in reply):
-        return list(reply)
-    return None
+    if not isinstance(reply, (list, tuple)) or len(reply) != group_size or any(isinstance(r, bool) for r in reply):
+        return None
+    try:
+        ranks = [operator.index(r) for r in reply]                      # ints, numpy ints; not floats
+    except TypeError:
+        return None
+    return ranks if all(0 <= r < group_size for r in ranks) else None
 
 
 def tie_identical(seq_logp, completion_ids):
