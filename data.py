@@ -170,6 +170,23 @@ def load_video(path, num_frames, backend="auto"):
     return torch.from_numpy(np.ascontiguousarray(frames))
 
 
+def video_seconds(path):
+    """A video's duration in seconds as its container's header gives it (PyAV), None when it does not say:
+    the time the sampled frames span, which a policy with time positions needs (qwen_vl: M-RoPE's)."""
+    try:
+        with av.open(os.fspath(path)) as container:
+            stream = container.streams.video[0]
+            if stream.duration and stream.time_base:
+                return float(stream.duration * stream.time_base)
+            if container.duration:
+                return container.duration / 1_000_000               # microseconds (av.time_base)
+            if stream.frames and stream.average_rate:
+                return stream.frames / float(stream.average_rate)
+    except Exception:   # a file the decoder already read cannot surprise here, but a header without a stream can
+        return None
+    return None
+
+
 # -----------------------------------------------------------------------------
 # the JSONL dataset format
 
@@ -246,18 +263,19 @@ class ClipCache:
         self.max_bytes, self.size, self.clips = max_bytes, 0, OrderedDict()
 
     def get(self, key):
-        clip = self.clips.get(key)
-        if clip is not None:
+        """(clip, seconds) kept under key, or None."""
+        kept = self.clips.get(key)
+        if kept is not None:
             self.clips.move_to_end(key)
-        return clip
+        return kept
 
-    def put(self, key, clip):
+    def put(self, key, clip, seconds=None):
         nbytes = clip.numel() * clip.element_size()
         if key in self.clips or nbytes > self.max_bytes:
             return
-        self.clips[key], self.size = clip, self.size + nbytes
+        self.clips[key], self.size = (clip, seconds), self.size + nbytes
         while self.size > self.max_bytes:
-            _, dropped = self.clips.popitem(last=False)
+            _, (dropped, _) = self.clips.popitem(last=False)
             self.size -= dropped.numel() * dropped.element_size()
 
 
@@ -268,22 +286,24 @@ def read_videos(samples, num_frames, fit=None, cache=None):
     caller keeps `fit` the same for it) or None.
     -> (frames uint8 (B', T, S, S, 3) or None when none loaded, the B' samples that loaded,
     [(sample, VideoError)] for those that did not: the caller reports and counts them). Clips that `fit`
-    leaves at different sizes (a policy that keeps each clip's own aspect ratio) come as a list of B'."""
+    leaves at different sizes (a policy that keeps each clip's own aspect ratio) come as a list of B'. Each
+    loaded sample is a copy holding "seconds", the clip's duration (video_seconds; a "seconds" the dataset
+    row gives wins), for policies with time positions: policy.encode_video(frames, seconds=...)."""
     videos, loaded, failures = [], [], []
     for sample in samples:
         key = (sample["video"], num_frames)
-        video = cache.get(key) if cache is not None else None
-        if video is None:
+        cached = cache.get(key) if cache is not None else None
+        if cached is None:
             try:
                 video = load_video(sample["video"], num_frames)
             except VideoError as err:
                 failures.append((sample, err))
                 continue
-            video = fit(video) if fit else video
+            cached = (fit(video) if fit else video, video_seconds(sample["video"]))
             if cache is not None:
-                cache.put(key, video)
-        videos.append(video)
-        loaded.append(sample)
+                cache.put(key, *cached)
+        videos.append(cached[0])
+        loaded.append({"seconds": cached[1], **sample})
     if videos and any(video.shape != videos[0].shape for video in videos):
         return videos, loaded, failures
     return (torch.stack(videos) if videos else None), loaded, failures

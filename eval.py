@@ -143,7 +143,7 @@ def generate_batch(policy, samples, max_new_tokens, temperature, generator, alwa
     prompts = loaded or [{"question": "?"}]
     if frames is None:
         frames = torch.zeros(1, policy.config.num_frames, 32, 32, 3, dtype=torch.uint8)
-    features = policy.encode_video(frames)
+    features = policy.encode_video(frames, seconds=[s.get("seconds") for s in prompts])
     prompt_ids, prompt_mask = policy.encode_prompts(prompts, mc_format)
     ids, mask, truncated = policy.generate(features, prompt_ids, prompt_mask, group_size=1,
                                            max_new_tokens=max_new_tokens, temperature=temperature,

@@ -249,10 +249,11 @@ class VideoLM(nn.Module):
         return clip_pixels(frames.to(self.device))
 
     @torch.no_grad()
-    def encode_video(self, frames):
+    def encode_video(self, frames, seconds=None):
         """uint8 (B, T, H, W, 3) -> visual features, once per prompt: pooled (B, T + S, C), or with
         project_first the frames' patches (B, T, S, C), pooled after the projector (visual_tokens).
-        The projector is applied later, so the reference policy can use its own."""
+        The projector is applied later, so the reference policy can use its own. seconds (the clips'
+        durations) is ignored: Video-ChatGPT's pooling has no time positions."""
         self.encode_calls += 1
         batch, num_frames = frames.shape[:2]
         pixels = self.preprocess(frames.to(self.device)).to(self.vision.dtype)

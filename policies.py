@@ -11,9 +11,10 @@ THE POLICY INTERFACE (model.VideoLM and QwenVLPolicy both follow it; rollout.py,
 sft.py use nothing else):
     config                 .num_frames (frames sampled per clip), .share_prefix, .lora_* , .dtype
     fit_frames(clip)       uint8 (T, H, W, 3) -> the clip at the model's input size, as decoded (data.read_videos)
-    encode_video(frames)   a batch of fitted clips (a uint8 tensor, or a list when their sizes differ) -> features
-                           (B, ...): a tensor the trainer may index, cat, .to() and .cpu(); the vision tower runs
-                           here, once per prompt (QwenVLPolicy also takes seconds=: the clips' durations)
+    encode_video(frames, seconds=None)   a batch of fitted clips (a uint8 tensor, or a list when their sizes
+                           differ) and their durations (data.read_videos puts each in its sample's "seconds";
+                           None: unknown) -> features (B, ...): a tensor the trainer may index, cat, .to() and
+                           .cpu(); the vision tower runs here, once per prompt
     encode_prompts(samples, mc_format="oneline") -> prompt_ids, prompt_mask: (B, P) long, left-padded
     encode_answers(answers)   -> ids, mask: (B, L) long, right-padded, EOS appended
     generate(features, prompt_ids, prompt_mask, group_size, max_new_tokens, greedy, generator, all_finished,

@@ -12,7 +12,8 @@ below are the model's own (read from transformers 5.25 and the Qwen2.5-VL releas
          video processor's order: the merge x merge patches the merger joins are consecutive   video_patches
       -> grid (t, h, w) in patches; the LM sees t * h * w / merge^2 video tokens
     second_per_grid_ts = temporal_patch / sampled fps, the sampled fps = frames / clip duration (qwen-vl-utils);
-      the decoders here do not report a duration, so unless one is given DEFAULT_FPS is assumed.
+      the duration is the container's (data.read_videos: a sample's "seconds"); where none is known,
+      DEFAULT_FPS is assumed.
 
     3-D M-RoPE positions (temporal, height, width) of a prompt [text, video, text]:
       text tokens: p, p+1, ... on all three axes;

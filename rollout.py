@@ -26,7 +26,7 @@ from transformers.modeling_layers import GradientCheckpointingLayer
 class Rollout:
     samples: list            # B dataset rows
     group_size: int          # G
-    features: torch.Tensor   # VideoLM.encode_video's features of the B videos, encoded once
+    features: torch.Tensor   # the policy's encode_video features of the B videos, encoded once
     prompt_ids: torch.Tensor     # (B, P) left-padded
     prompt_mask: torch.Tensor    # (B, P)
     completion_ids: torch.Tensor   # (B*G, L) right-padded after EOS; rows b*G .. b*G+G-1 are prompt b's
@@ -194,7 +194,7 @@ def rollout(policy, samples, frames, group_size, max_new_tokens=8, mask_truncate
     temperature = sampling.get("temperature", 1.0)
     was_training = policy.training
     policy.eval()                                     # no dropout while sampling and scoring
-    features = policy.encode_video(frames)            # once per prompt, reused for all G
+    features = policy.encode_video(frames, seconds=[s.get("seconds") for s in samples])   # once per prompt
     prompt_ids, prompt_mask = policy.encode_prompts(samples)
     completion_ids, completion_mask, truncated = policy.generate(
         features, prompt_ids, prompt_mask, group_size=group_size, max_new_tokens=max_new_tokens,

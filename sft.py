@@ -52,7 +52,7 @@ def encode_dataset(policy, samples, batch_size=64, progress=True):
         for sample, err in failures:
             warnings.warn(f"skipping sample {sample['id']}: {err}")
         if frames is not None:
-            features.append(policy.encode_video(frames).cpu())
+            features.append(policy.encode_video(frames, seconds=[r.get("seconds") for r in rows]).cpu())
             kept += rows
     if not kept:
         raise RuntimeError("no training video could be loaded")

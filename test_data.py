@@ -563,6 +563,23 @@ def test_clip_cache_serves_decoded_clips_within_its_budget_and_never_failures(tm
     assert decoded == Counter({"v0.mp4": 2, "v1.mp4": 1, "v2.mp4": 1, "missing.mp4": 3})
 
 
+def test_each_loaded_sample_carries_its_clips_duration_for_time_positions(tmp_path):
+    """read_videos puts each clip's duration (its container's header) in a copy of its sample, "seconds", which a
+    policy with time positions takes (qwen_vl: M-RoPE); a row's own "seconds" wins; the cache keeps it."""
+    from synth import write_mp4
+    write_mp4(str(tmp_path / "a.mp4"), np.zeros((16, 32, 32, 3), dtype=np.uint8), fps=8)     # 2 s
+    write_mp4(str(tmp_path / "b.mp4"), np.zeros((12, 32, 32, 3), dtype=np.uint8), fps=4)     # 3 s
+    assert data.video_seconds(tmp_path / "a.mp4") == pytest.approx(2.0, abs=0.15)
+    assert data.video_seconds(tmp_path / "missing.mp4") is None
+    rows = [{"id": "a", "video": str(tmp_path / "a.mp4")}, {"id": "b", "video": str(tmp_path / "b.mp4")},
+            {"id": "c", "video": str(tmp_path / "b.mp4"), "seconds": 60.0}]
+    cache = data.ClipCache(max_bytes=1 << 20)
+    for _ in range(2):                                                  # decoded, then from the cache
+        _, loaded, _ = data.read_videos(rows, 4, cache=cache)
+        assert [s["seconds"] for s in loaded] == [pytest.approx(2.0, abs=0.15), pytest.approx(3.0, abs=0.3), 60.0]
+    assert "seconds" not in rows[0]                                      # the dataset's rows are left as they were
+
+
 @pytest.mark.parametrize("height, width, pad", [(240, 320, False), (240, 320, True), (320, 240, True), (50, 50, False)])
 def test_fit_frames_is_clip_image_processor(height, width, pad):
     from PIL import Image

@@ -79,7 +79,7 @@ class ScriptedPolicy:
     def fit_frames(self, frames):
         return fit_frames(frames, 32)
 
-    def encode_video(self, frames):
+    def encode_video(self, frames, seconds=None):
         self.encode_calls += 1
         self.frame_shapes.append(tuple(frames.shape))
         return torch.zeros(frames.shape[0], 1, 1)

@@ -428,7 +428,7 @@ def test_train_step_and_sft_run_on_the_tiny_qwen_policy(synth_samples):
 @pytest.fixture(scope="module")
 def colour_run(tmp_path_factory):
     """`python train.py --policy=tiny-qwen2_5_vl` on the synthetic task's colour questions (6 answers, learnable
-    in seconds): a 150-step SFT warm start, then 30 GRPO_rank steps. -> (synthetic paths, out_dir, results)"""
+    in seconds): a 100-step SFT warm start, then 30 GRPO_rank steps. -> (synthetic paths, out_dir, results)"""
     import train
     from data import write_jsonl
     root = tmp_path_factory.mktemp("qwen_run")
@@ -440,7 +440,7 @@ def colour_run(tmp_path_factory):
     out = str(root / "out")
     results = importlib.reload(train).main([
         "--policy=tiny-qwen2_5_vl", f"--train_data={paths['train']}", f"--eval_data={paths['eval']}", f"--out_dir={out}",
-        "--sft_steps=150", "--sft_batch_size=16", "--max_steps=30", "--epochs=100", "--batch_size=8", "--warmup_steps=2",
+        "--sft_steps=100", "--sft_batch_size=16", "--max_steps=30", "--epochs=100", "--batch_size=8", "--warmup_steps=2",
         "--num_generations=8", "--max_new_tokens=4", "--num_threads=1", "--save_every=1000", "--eval_batch_size=40"])
     return paths, out, results
 
@@ -448,7 +448,7 @@ def colour_run(tmp_path_factory):
 def test_train_py_on_the_tiny_qwen_policy_raises_held_out_accuracy(colour_run):
     _, out, results = colour_run
     assert results["config"]["policy"] == TINY and results["before"]["n"] == results["after"]["n"] >= 30
-    assert results["after"]["accuracy"] >= results["before"]["accuracy"] + 0.05      # measured: 45.0 -> 57.5 %
+    assert results["after"]["accuracy"] >= results["before"]["accuracy"] + 0.05      # measured: 37.5 -> 50.0 %
     saved = load_policy(os.path.join(out, "ckpt", "model"))
     assert isinstance(saved, QwenVLPolicy) and saved.has_lora and saved.config.num_frames == 8
 
@@ -553,3 +553,15 @@ def test_a_pretrained_qwen_base_without_lora_is_refused_before_any_copy(tiny, tm
         importlib.reload(train).main([f"--sft_checkpoint={hf_dir}", f"--train_data={made['train']}",
                                       f"--eval_data={made['eval']}", f"--out_dir={tmp_path / 'out'}", "--lora_r=0",
                                       "--batch_size=2", "--num_threads=1"])
+
+
+@torch.no_grad()
+def test_the_rollout_gives_the_policy_each_clips_duration(tiny):
+    """The rollout hands encode_video each sample's "seconds" (read_videos puts the clip's duration there), so
+    M-RoPE's time positions follow the clip: second_per_grid_ts = temporal patch / (frames / seconds); a sample
+    without one falls back to the assumed fps."""
+    clips = clips_of_three_sizes()[:2]
+    samples = [dict(SAMPLES[0], seconds=4.0), dict(SAMPLES[2])]
+    batch = rollout(tiny, samples, clips, 2, max_new_tokens=1, generator=torch.Generator().manual_seed(0))
+    _, second_per_grid, _ = unpack_features(batch.features)
+    assert second_per_grid.tolist() == pytest.approx([2 / (8 / 4.0), 2 / tiny.config.fps])
