@@ -305,8 +305,8 @@ def schedule(num_samples, world, master):
 
 
 def count_faults(metrics, counters, step, bad_in_a_row):
-    """Move a step's fault counts out of its metrics into the run's counters. -> non-finite steps in a row,
-    and after max_bad_steps of them an error naming the checkpoint to resume from."""
+    """Move a step's fault counts out of its metrics into the run's counters, warning of a skipped step.
+    -> non-finite steps in a row (stop_if_failing acts on it)."""
     skipped = metrics.pop("nonfinite_step")
     for key in COUNTERS[:3]:
         counters[key] += metrics.pop(key)
@@ -318,7 +318,8 @@ def count_faults(metrics, counters, step, bad_in_a_row):
 
 
 def stop_if_failing(bad_in_a_row, step, ckpt_dir):
-    """Called after the step's metrics line is written, so the run's record is complete."""
+    """After max_bad_steps non-finite steps in a row, an error naming the checkpoint to resume from. Called
+    after the step's metrics line is written, so the run's record is complete."""
     if bad_in_a_row < max_bad_steps:
         return
     last = checkpoint.latest(ckpt_dir)        # skipped steps change no weight: every checkpoint is good
