@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 import checkpoint
 from data import IMAGE, build_prompt, clip_pixels, fit_frames
-from rollout import positions, prefill, sample_token, shared_prefix_logits
+from rollout import positions, prefill, sample_completions, shared_prefix_logits
 from synth import tiny_lm, tiny_vision, word_tokenizer
 
 WEIGHTS, CONFIG, TOKENIZER = "model.safetensors", "config.json", "tokenizer"
@@ -346,26 +346,12 @@ class VideoLM(nn.Module):
         (1 up to and including EOS), truncated (B*G,) bool (no EOS). sampling: rollout.sample_token's temperature,
         top_p, top_k, repetition_penalty (prompt and completion tokens). all_finished: done (B*G,) bool -> stop?
         (default: every row has its EOS); sharded processes pass configurator.all_finished (agreed by all)."""
-        all_finished = all_finished or (lambda done: bool(done.all()))
         embeds, mask = self.prompt_embeddings(features, prompt_ids, prompt_mask)
         cache, logits = prefill(self.lm, embeds, mask, group_size)
-        logits, mask = logits[:, -1], mask.repeat_interleave(group_size, 0)
         seen = torch.where((prompt_mask > 0) & (prompt_ids >= 0), prompt_ids, -1).repeat_interleave(group_size, 0)
-        eos, pad = self.tokenizer.eos_token_id, self.tokenizer.pad_token_id
-        tokens, keep, done = [], [], torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
-        for _ in range(max_new_tokens):
-            next_token = sample_token(logits.float(), greedy=greedy, generator=generator, seen=seen, **sampling)
-            next_token = torch.where(done, torch.full_like(next_token, pad), next_token)
-            keep.append(~done)
-            tokens.append(next_token)
-            done, seen = done | (next_token == eos), torch.cat([seen, next_token.unsqueeze(1)], 1)
-            if all_finished(done):
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            out = self.lm(input_ids=next_token.unsqueeze(1), attention_mask=mask,
-                          position_ids=positions(mask)[:, -1:], cache=cache, use_cache=True)
-            cache, logits = out.cache, out.logits[:, -1]
-        return torch.stack(tokens, 1), torch.stack(keep, 1).long(), ~done
+        return sample_completions(self.lm, cache, logits[:, -1], mask.repeat_interleave(group_size, 0), seen,
+                                  [self.tokenizer.eos_token_id], self.tokenizer.pad_token_id, max_new_tokens,
+                                  greedy=greedy, generator=generator, all_finished=all_finished, **sampling)
 
     # ------------------------------------------------------------------ save / load
 

@@ -29,7 +29,7 @@ from data import question_text
 from model import CONFIG, TOKENIZER, WEIGHTS, pad
 from qwen_parts import (DEFAULT_FPS, FAMILIES, TINY, build_parts, fit_clip, pack_features, prompt_positions,
                         seconds_per_grid, unpack_features, video_patches)
-from rollout import sample_token, shared_prefix_logits
+from rollout import prefill, sample_completions, shared_prefix_logits
 
 
 @dataclass
@@ -303,27 +303,14 @@ class QwenVLPolicy(nn.Module):
         prompt_*: (B, P) -> completion_ids (B*G, L) (pad after EOS), completion_mask (B*G, L) (1 up to and
         including EOS), truncated (B*G,) bool (no EOS). sampling: rollout.sample_token's temperature, top_p,
         top_k, repetition_penalty. all_finished: done (B*G,) bool -> stop? (default: every row has its EOS)."""
-        all_finished = all_finished or (lambda done: bool(done.all()))
         embeds, mask, positions, following = self.prompt_inputs(features, prompt_ids, prompt_mask, self.lm, self.merger)
-        cache, logits = prefill(self.lm, embeds, mask, positions, group_size)
-        logits, mask, following = logits[:, -1], mask.repeat_interleave(group_size, 0), following.repeat_interleave(group_size)
+        cache, logits = prefill(self.lm, embeds, mask, group_size, positions)
+        following = following.repeat_interleave(group_size)             # each row's next position, on all 3 axes
         seen = torch.where(prompt_mask > 0, prompt_ids, -1).repeat_interleave(group_size, 0)
-        pad_id = self.tokenizer.pad_token_id
-        tokens, keep, done = [], [], torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
-        for step in range(max_new_tokens):
-            next_token = sample_token(logits.float(), greedy=greedy, generator=generator, seen=seen, **sampling)
-            next_token = torch.where(done, torch.full_like(next_token, pad_id), next_token)
-            keep.append(~done)
-            tokens.append(next_token)
-            done = done | torch.isin(next_token, torch.tensor(self.stop_ids, device=next_token.device))
-            seen = torch.cat([seen, next_token.unsqueeze(1)], 1)
-            if all_finished(done):
-                break
-            mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
-            out = self.lm(input_ids=next_token.unsqueeze(1), attention_mask=mask, cache=cache, use_cache=True,
-                          position_ids=(following + step).view(1, -1, 1).expand(3, -1, -1))
-            cache, logits = out.cache, out.logits[:, -1]
-        return torch.stack(tokens, 1), torch.stack(keep, 1).long(), ~done
+        return sample_completions(self.lm, cache, logits[:, -1], mask.repeat_interleave(group_size, 0), seen,
+                                  self.stop_ids, self.tokenizer.pad_token_id, max_new_tokens,
+                                  lambda step: (following + step).view(1, -1, 1).expand(3, -1, -1),
+                                  greedy=greedy, generator=generator, all_finished=all_finished, **sampling)
 
     # ------------------------------------------------------------------ save / load
 
@@ -378,11 +365,3 @@ class QwenVLPolicy(nn.Module):
         Qwen2VLImageProcessorPil(patch_size=p["patch"], merge_size=p["merge"], temporal_patch_size=p["temporal"],
                                  image_mean=list(p["mean"]), image_std=list(p["std"]),
                                  min_pixels=p["min_pixels"], max_pixels=p["max_pixels"]).save_pretrained(path)
-
-
-def prefill(lm, embeds, mask, positions, group_size):
-    """The [video, prompt] prefix run once per prompt at its 3-D positions, its KV cache then repeated for the G
-    completions. embeds: (B, P', D), mask: (B, P'), positions: (3, B, P') -> (cache, last logits (B*G, 1, vocab))."""
-    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions, logits_to_keep=1, use_cache=True)
-    out.cache.batch_repeat_interleave(group_size)
-    return out.cache, out.logits.repeat_interleave(group_size, 0)

@@ -97,12 +97,42 @@ def positions(mask):
     return (mask.long().cumsum(-1) - 1).clamp(min=0)
 
 
-def prefill(lm, embeds, mask, group_size):
+def prefill(lm, embeds, mask, group_size, prefix_positions=None):
     """The [visual, prompt] prefix run once per prompt, its KV cache then repeated for the G completions (the
-    same numbers as G runs of it). embeds: (B, P', D), mask: (B, P') -> (cache, last logits (B*G, 1, vocab))."""
-    out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=positions(mask), logits_to_keep=1, use_cache=True)
+    same numbers as G runs of it). embeds: (B, P', D), mask: (B, P'); prefix_positions: (B, P') or (3, B, P')
+    for M-RoPE, default `positions(mask)` -> (cache, last logits (B*G, 1, vocab))."""
+    out = lm(inputs_embeds=embeds, attention_mask=mask, logits_to_keep=1, use_cache=True,
+             position_ids=positions(mask) if prefix_positions is None else prefix_positions)
     out.cache.batch_repeat_interleave(group_size)
     return out.cache, out.logits.repeat_interleave(group_size, 0)
+
+
+def sample_completions(lm, cache, logits, mask, seen, stop_ids, pad_id, max_new_tokens=8, step_positions=None,
+                       greedy=False, generator=None, all_finished=None, **sampling):
+    """The KV-cached decoding loop after the prefill, for all N = B*G rows at once. cache, logits: prefill's
+    (logits (N, vocab): the first token's); mask: (N, P') of the prefix; seen: (N, S) token ids for the
+    repetition penalty (-1: none); stop_ids: the ids that end a row; step_positions(step) -> the new token's
+    position ids (default: `positions` of the mask; a policy with M-RoPE passes its own); sampling:
+    sample_token's temperature, top_p, top_k, repetition_penalty; all_finished: done (N,) bool -> stop?
+    (default: every row has stopped; sharded processes pass configurator.all_finished, agreed by all).
+    -> completion_ids (N, L) (pad after a stop), completion_mask (N, L) (1 up to and including the stop),
+    truncated (N,) bool (no stop within max_new_tokens)."""
+    all_finished = all_finished or (lambda done: bool(done.all()))
+    stops = torch.tensor(sorted(set(stop_ids)), device=logits.device)
+    tokens, keep, done = [], [], torch.zeros(len(mask), dtype=torch.bool, device=mask.device)
+    for step in range(max_new_tokens):
+        next_token = sample_token(logits.float(), greedy=greedy, generator=generator, seen=seen, **sampling)
+        next_token = torch.where(done, torch.full_like(next_token, pad_id), next_token)
+        keep.append(~done)
+        tokens.append(next_token)
+        done, seen = done | torch.isin(next_token, stops), torch.cat([seen, next_token.unsqueeze(1)], 1)
+        if all_finished(done):
+            break
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], 1)
+        out = lm(input_ids=next_token.unsqueeze(1), attention_mask=mask, cache=cache, use_cache=True,
+                 position_ids=positions(mask)[:, -1:] if step_positions is None else step_positions(step))
+        cache, logits = out.cache, out.logits[:, -1]
+    return torch.stack(tokens, 1), torch.stack(keep, 1).long(), ~done
 
 
 class RecordOnceLayer(DynamicLayer):

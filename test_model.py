@@ -275,7 +275,7 @@ def test_generate_mask_is_eos_aware(tiny, monkeypatch):
     script[1, 2] = eos
     script[3, 4] = eos           # EOS as the last allowed token: not truncated
     sampler = ScriptedSampler(script)
-    monkeypatch.setattr(model, "sample_token", sampler)
+    monkeypatch.setattr(rollout_module, "sample_token", sampler)
     features = torch.randn(2, 4 + S, C)
     prompt_ids, prompt_mask = tiny.encode_prompts(SAMPLES)
     ids, mask, truncated = tiny.generate(features, prompt_ids, prompt_mask, group_size=2, max_new_tokens=5)
@@ -289,7 +289,7 @@ def test_generate_stops_when_every_row_has_ended(tiny, monkeypatch):
     eos = tiny.tokenizer.eos_token_id
     script = torch.full((2, 8), tiny.tokenizer.convert_tokens_to_ids("blue"))
     script[0, 1], script[1, 2] = eos, eos
-    monkeypatch.setattr(model, "sample_token", ScriptedSampler(script))
+    monkeypatch.setattr(rollout_module, "sample_token", ScriptedSampler(script))
     prompt_ids, prompt_mask = tiny.encode_prompts(SAMPLES)
     ids, mask, truncated = tiny.generate(torch.randn(2, 4 + S, C), prompt_ids, prompt_mask, max_new_tokens=8)
     assert ids.shape == mask.shape == (2, 3)
@@ -327,7 +327,7 @@ def test_kv_cached_generation_agrees_with_the_full_forward(tiny, monkeypatch):
         recorded.append(logits.clone())
         return sample_token(logits, *args, **kwargs)
 
-    monkeypatch.setattr(model, "sample_token", recording)
+    monkeypatch.setattr(rollout_module, "sample_token", recording)
     ids, mask, _ = tiny.generate(features, prompt_ids, prompt_mask, group_size=2, max_new_tokens=6,
                                  temperature=3.0, generator=torch.Generator().manual_seed(0))
     assert len(set(map(tuple, ids.tolist()))) > 1

@@ -8,13 +8,13 @@ mm_token_type_ids), and Qwen2VLImageProcessorPil for the pixels."""
 import importlib
 import json
 import os
+import sys
 
 import pytest
 import torch
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import Qwen2VLImageProcessorPil
 from transformers.models.qwen2_vl.image_processing_pil_qwen2_vl import smart_resize as their_smart_resize
 
-import qwen_vl
 from data import load_jsonl, read_videos
 from model import pad
 from policies import load_policy, make_policy
@@ -267,7 +267,7 @@ def test_sampled_logits_are_the_scored_logits_on_long_clips(tiny, monkeypatch, s
     def recording(logits, *args, **kwargs):
         recorded.append(logits.clone())
         return sample_token(logits, *args, **kwargs)
-    monkeypatch.setattr(qwen_vl, "sample_token", recording)
+    monkeypatch.setattr(sys.modules["rollout"], "sample_token", recording)   # the decoding loop's (rollout.py)
     ids, mask, _ = tiny.generate(features, prompt_ids, prompt_mask, group_size=2, max_new_tokens=5, temperature=2.0,
                                  generator=torch.Generator().manual_seed(0))
     assert len(set(map(tuple, ids.tolist()))) > 3
