@@ -131,6 +131,35 @@ def check_4bit_widths(lm_path):
                          f"multiples of 64, and {lm_path} has {widths}. Use --load_in_4bit=False, or a CUDA GPU.")
 
 
+def copy_frozen(pairs):
+    """pi_ref <- pi_theta for (reference parameter, trained parameter) pairs: copied in place (a sharded model
+    keeps its layout), the reference's left frozen."""
+    with torch.no_grad():
+        for ref_param, param in pairs:
+            ref_param.copy_(param)
+            ref_param.requires_grad_(False)
+
+
+def lora_reference_pairs(lm):
+    """(the "ref" adapter's weight, the trained "default" adapter's twin) for every LoRA weight of a peft model."""
+    return [(param, lm.get_parameter(name.replace(".ref.", ".default.")))
+            for name, param in lm.named_parameters() if ".ref." in name]
+
+
+@contextlib.contextmanager
+def reference_adapter(lm):
+    """Inside this block the peft model computes with its "ref" adapter; after it, with "default" again and the
+    reference's weights frozen (peft flips requires_grad with the active adapter)."""
+    lm.set_adapter("ref")
+    try:
+        yield lm
+    finally:
+        lm.set_adapter("default")
+        for name, param in lm.named_parameters():
+            if ".ref." in name:
+                param.requires_grad_(False)
+
+
 class VideoLM(nn.Module):
 
     def __init__(self, config, vocab_words=None):
@@ -191,15 +220,9 @@ class VideoLM(nn.Module):
         if self.ref_projector is None:
             self.ref_projector = copy.deepcopy(self.projector)
         pairs = list(zip(self.ref_projector.parameters(), self.projector.parameters()))
-        if self.has_lora:
-            pairs += [(param, self.lm.get_parameter(name.replace(".ref.", ".default.")))
-                      for name, param in self.lm.named_parameters() if ".ref." in name]
-        else:
-            pairs += list(zip(self.ref_lm.parameters(), self.lm.parameters()))
-        with torch.no_grad():
-            for ref_param, param in pairs:
-                ref_param.copy_(param)
-                ref_param.requires_grad_(False)
+        pairs += (lora_reference_pairs(self.lm) if self.has_lora
+                  else list(zip(self.ref_lm.parameters(), self.lm.parameters())))
+        copy_frozen(pairs)
 
     @contextlib.contextmanager
     def reference(self):
@@ -207,14 +230,8 @@ class VideoLM(nn.Module):
         if self.ref_projector is None:
             raise RuntimeError("no reference policy yet: call snapshot_reference() first")
         if self.has_lora:
-            self.lm.set_adapter("ref")
-            try:
-                yield self.lm, self.ref_projector
-            finally:
-                self.lm.set_adapter("default")     # peft flips requires_grad with the active adapter:
-                for name, param in self.lm.named_parameters():
-                    if ".ref." in name:            # the reference stays frozen
-                        param.requires_grad_(False)
+            with reference_adapter(self.lm) as lm:
+                yield lm, self.ref_projector
         else:
             yield self.ref_lm, self.ref_projector
 

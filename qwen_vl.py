@@ -26,7 +26,7 @@ from safetensors.torch import save_file
 
 import checkpoint
 from data import question_text
-from model import CONFIG, TOKENIZER, WEIGHTS, pad
+from model import CONFIG, TOKENIZER, WEIGHTS, copy_frozen, lora_reference_pairs, pad, reference_adapter
 from qwen_parts import (DEFAULT_FPS, FAMILIES, TINY, build_parts, fit_clip, pack_features, prompt_positions,
                         seconds_per_grid, unpack_features, video_patches)
 from rollout import prefill, sample_completions, shared_prefix_logits
@@ -131,29 +131,19 @@ class QwenVLPolicy(nn.Module):
         if self.has_lora and self.config.train_merger and self.ref_merger is None:
             self.ref_merger = copy.deepcopy(self.merger)
         if self.has_lora:
-            pairs = [(param, self.lm.get_parameter(name.replace(".ref.", ".default.")))
-                     for name, param in self.lm.named_parameters() if ".ref." in name]
+            pairs = lora_reference_pairs(self.lm)
             if self.ref_merger is not None:
                 pairs += list(zip(self.ref_merger.parameters(), self.merger.parameters()))
         else:
             pairs = list(zip(self.ref_lm.parameters(), self.lm.parameters()))
-        with torch.no_grad():
-            for ref_param, param in pairs:
-                ref_param.copy_(param)
-                ref_param.requires_grad_(False)
+        copy_frozen(pairs)
 
     @contextlib.contextmanager
     def reference(self):
         """Inside this block (lm, merger) are the reference policy's."""
         if self.has_lora and "ref" in self.lm.peft_config:
-            self.lm.set_adapter("ref")
-            try:
-                yield self.lm, self.merger if self.ref_merger is None else self.ref_merger
-            finally:
-                self.lm.set_adapter("default")     # peft flips requires_grad with the active adapter:
-                for name, param in self.lm.named_parameters():
-                    if ".ref." in name:            # the reference stays frozen
-                        param.requires_grad_(False)
+            with reference_adapter(self.lm) as lm:
+                yield lm, self.merger if self.ref_merger is None else self.ref_merger
         elif self.ref_lm is not None:
             yield self.ref_lm, self.ref_lm.model.visual.merger
         else:
